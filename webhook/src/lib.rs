@@ -1,0 +1,19 @@
+//! bulwark: an admission webhook that defaults pod resources and paces pod creation per
+//! namespace, so bursts of batch and CI work cannot overwhelm the control plane or nodes.
+
+pub mod admission;
+pub mod admit;
+pub mod cache;
+pub mod config;
+pub mod defaults;
+pub mod jitter;
+pub mod ledger;
+pub mod metrics;
+pub mod pod;
+pub mod policy;
+pub mod quantity;
+pub mod quota;
+pub mod rate;
+pub mod server;
+pub mod tls;
+pub mod watch;

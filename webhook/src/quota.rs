@@ -1,0 +1,396 @@
+//! The quota decision: policy + counts snapshot + pod -> admit or a refusal a person can act on.
+//! Pure: the caller takes the snapshot under the namespace's ledger lock and commits the result.
+
+use std::time::Duration;
+
+use crate::{
+    config::ClusterLimits,
+    policy::{MAX_PENDING_PODS, MAX_PODS, POD_RATE, Policy, Rate},
+};
+
+/// What the counters said when the decision was taken; reservations already added in.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Snapshot {
+    pub live: u32,
+    pub pending: u32,
+    pub workflow_started: bool,
+    pub pending_drain_rate: f64,
+    pub live_drain_rate: f64,
+    pub cluster_pending: u64,
+    pub cluster_drain_rate: f64,
+    pub cluster_cap: Option<ClusterCap>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterCap {
+    pub limit: u64,
+    pub basis: CapBasis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapBasis {
+    Absolute,
+    PerNode { per_node: u32, nodes: u32 },
+}
+
+/// The smaller of the absolute cap and the per-schedulable-node cap; the per-node cap only
+/// applies once nodes are watched.
+pub fn cluster_cap(limits: &ClusterLimits, schedulable_nodes: Option<u32>) -> Option<ClusterCap> {
+    let absolute = limits.max_pending_pods.map(|limit| ClusterCap {
+        limit: u64::from(limit),
+        basis: CapBasis::Absolute,
+    });
+    let per_node = limits
+        .pending_per_healthy_node
+        .zip(schedulable_nodes)
+        .map(|(per_node, nodes)| ClusterCap {
+            limit: u64::from(per_node) * u64::from(nodes),
+            basis: CapBasis::PerNode { per_node, nodes },
+        });
+    match (absolute, per_node) {
+        (Some(a), Some(p)) => Some(if p.limit < a.limit { p } else { a }),
+        (a, p) => a.or(p),
+    }
+}
+
+/// The pod as the quota sees it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ask<'a> {
+    pub pending_exempt: bool,
+    pub workflow: Option<&'a str>,
+}
+
+/// Why a creation is refused; each names the limit, what was observed, and the knob.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    Rate {
+        rate: Rate,
+        burst: u32,
+        wait: Duration,
+    },
+    MaxPods {
+        live: u32,
+        limit: u32,
+        expected: Duration,
+    },
+    MaxPending {
+        pending: u32,
+        limit: u32,
+        expected: Duration,
+    },
+    WorkflowShare {
+        pending: u32,
+        limit: u32,
+        reserved: u32,
+        workflow: String,
+        expected: Duration,
+    },
+    ClusterPending {
+        pending: u64,
+        cap: ClusterCap,
+        expected: Duration,
+    },
+}
+
+impl Refusal {
+    /// A bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Rate { .. } => "rate",
+            Refusal::MaxPods { .. } => "max_pods",
+            Refusal::MaxPending { .. } => "max_pending",
+            Refusal::WorkflowShare { .. } => "workflow_share",
+            Refusal::ClusterPending { .. } => "cluster_pending",
+        }
+    }
+
+    /// How long until capacity is expected back, before jitter.
+    pub fn expected_wait(&self) -> Duration {
+        match self {
+            Refusal::Rate { wait, .. } => *wait,
+            Refusal::MaxPods { expected, .. }
+            | Refusal::MaxPending { expected, .. }
+            | Refusal::WorkflowShare { expected, .. }
+            | Refusal::ClusterPending { expected, .. } => *expected,
+        }
+    }
+
+    /// The message kubectl shows after `admission webhook "..." denied the request: `.
+    pub fn message(&self, namespace: &str, retry_after: u32) -> String {
+        match self {
+            Refusal::Rate { rate, burst, .. } => format!(
+                "namespace {namespace:?} is creating pods faster than its limit of {rate} \
+                 (burst {burst}); retry in {retry_after}s (annotation {POD_RATE})"
+            ),
+            Refusal::MaxPods { live, limit, .. } => format!(
+                "namespace {namespace:?} has {live} live pods, at its limit of {limit}; \
+                 retry in {retry_after}s, when some finish (annotation {MAX_PODS})"
+            ),
+            Refusal::MaxPending { pending, limit, .. } => format!(
+                "namespace {namespace:?} has {pending} pods not yet running, at its limit of \
+                 {limit}; retry in {retry_after}s, when some start (annotation {MAX_PENDING_PODS})"
+            ),
+            Refusal::WorkflowShare {
+                pending,
+                limit,
+                reserved,
+                workflow,
+                ..
+            } => format!(
+                "namespace {namespace:?} has {pending} pods not yet running; the last {reserved} \
+                 of its limit of {limit} are kept for workflows already running, so new workflow \
+                 {workflow} waits; retry in {retry_after}s (annotation {MAX_PENDING_PODS})"
+            ),
+            Refusal::ClusterPending { pending, cap, .. } => {
+                let (basis, knob) = match cap.basis {
+                    CapBasis::Absolute => (String::new(), "cluster.maxPendingPods"),
+                    CapBasis::PerNode { per_node, nodes } => (
+                        format!(" ({per_node} per schedulable node x {nodes} nodes)"),
+                        "cluster.pendingPerHealthyNode",
+                    ),
+                };
+                format!(
+                    "the cluster has {pending} pods not yet running, at its limit of {}{basis}; \
+                     retry in {retry_after}s (bulwark config {knob})",
+                    cap.limit
+                )
+            }
+        }
+    }
+}
+
+/// When nothing has drained recently there is no rate to go by: a short pause lets the
+/// scheduler and kubelets catch up without parking clients for long.
+const NO_DRAIN_PENDING_WAIT: Duration = Duration::from_secs(5);
+const NO_DRAIN_LIVE_WAIT: Duration = Duration::from_secs(10);
+
+/// Time until `needed` slots free up at `rate` per second.
+fn expected(needed: u64, rate: f64, fallback: Duration) -> Duration {
+    if rate < 0.01 {
+        fallback
+    } else {
+        Duration::from_secs_f64((needed.max(1) as f64 / rate).min(3600.0))
+    }
+}
+
+/// Checks the count quotas (they consume nothing, so they go before the rate).
+pub fn check_counts(
+    policy: &Policy,
+    snap: &Snapshot,
+    ask: Ask<'_>,
+    workflow_reserved_percent: u8,
+) -> Result<(), Refusal> {
+    if let Some(limit) = policy.max_pods
+        && snap.live >= limit
+    {
+        return Err(Refusal::MaxPods {
+            live: snap.live,
+            limit,
+            expected: expected(
+                u64::from(snap.live - limit) + 1,
+                snap.live_drain_rate,
+                NO_DRAIN_LIVE_WAIT,
+            ),
+        });
+    }
+    if ask.pending_exempt {
+        return Ok(());
+    }
+    if let Some(limit) = policy.max_pending_pods {
+        let reserved = limit * u32::from(workflow_reserved_percent.min(100)) / 100;
+        let new_workflow = ask.workflow.filter(|_| !snap.workflow_started);
+        let usable = if new_workflow.is_some() {
+            limit - reserved
+        } else {
+            limit
+        };
+        if snap.pending >= usable {
+            let expected = expected(
+                u64::from(snap.pending - usable) + 1,
+                snap.pending_drain_rate,
+                NO_DRAIN_PENDING_WAIT,
+            );
+            return Err(match new_workflow {
+                Some(workflow) if snap.pending < limit => Refusal::WorkflowShare {
+                    pending: snap.pending,
+                    limit,
+                    reserved,
+                    workflow: workflow.to_owned(),
+                    expected,
+                },
+                _ => Refusal::MaxPending {
+                    pending: snap.pending,
+                    limit,
+                    expected,
+                },
+            });
+        }
+    }
+    if let Some(cap) = snap.cluster_cap
+        && snap.cluster_pending >= cap.limit
+    {
+        return Err(cluster_refusal(snap.cluster_pending, cap, snap.cluster_drain_rate));
+    }
+    Ok(())
+}
+
+pub fn cluster_refusal(pending: u64, cap: ClusterCap, drain_rate: f64) -> Refusal {
+    Refusal::ClusterPending {
+        pending,
+        cap,
+        expected: expected(
+            pending.saturating_sub(cap.limit) + 1,
+            drain_rate,
+            NO_DRAIN_PENDING_WAIT,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::parse_rate;
+
+    fn policy(max_pods: Option<u32>, max_pending: Option<u32>) -> Policy {
+        Policy {
+            max_pods,
+            max_pending_pods: max_pending,
+            ..Policy::default()
+        }
+    }
+
+    fn snap(live: u32, pending: u32) -> Snapshot {
+        Snapshot {
+            live,
+            pending,
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn max_pods() {
+        let p = policy(Some(3), None);
+        assert!(check_counts(&p, &snap(2, 0), Ask::default(), 20).is_ok());
+        let r = check_counts(&p, &snap(3, 0), Ask::default(), 20).unwrap_err();
+        assert_eq!(r.reason(), "max_pods");
+        assert_eq!(
+            r.message("ci", 7),
+            "namespace \"ci\" has 3 live pods, at its limit of 3; retry in 7s, when some finish (annotation bulwark.io/max-pods)"
+        );
+        assert!(check_counts(&policy(None, None), &snap(1_000_000, 1_000_000), Ask::default(), 20).is_ok());
+    }
+
+    #[test]
+    fn max_pending_and_daemonsets() {
+        let p = policy(None, Some(2));
+        assert!(check_counts(&p, &snap(10, 1), Ask::default(), 0).is_ok());
+        let r = check_counts(&p, &snap(10, 2), Ask::default(), 0).unwrap_err();
+        assert_eq!(r.reason(), "max_pending");
+        assert!(r.message("ci", 3).contains("2 pods not yet running, at its limit of 2"));
+        let ds = Ask {
+            pending_exempt: true,
+            workflow: None,
+        };
+        assert!(check_counts(&p, &snap(10, 5), ds, 0).is_ok());
+        // max-pods still applies to DaemonSet pods.
+        assert!(check_counts(&policy(Some(10), Some(2)), &snap(10, 5), ds, 0).is_err());
+    }
+
+    #[test]
+    fn workflow_priority() {
+        let p = policy(None, Some(10)); // 20% -> 2 slots kept for started workflows
+        let new_wf = Ask {
+            pending_exempt: false,
+            workflow: Some("bulwark.io/workflow=b"),
+        };
+        let started = Snapshot {
+            workflow_started: true,
+            ..snap(0, 9)
+        };
+        assert!(check_counts(&p, &snap(0, 7), new_wf, 20).is_ok());
+        let r = check_counts(&p, &snap(0, 8), new_wf, 20).unwrap_err();
+        assert_eq!(r.reason(), "workflow_share");
+        assert!(
+            r.message("ci", 2)
+                .contains("the last 2 of its limit of 10 are kept for workflows already running, so new workflow bulwark.io/workflow=b waits"),
+            "{}",
+            r.message("ci", 2)
+        );
+        assert!(check_counts(&p, &started, new_wf, 20).is_ok(), "started workflow uses the share");
+        let full = Snapshot {
+            workflow_started: true,
+            ..snap(0, 10)
+        };
+        assert_eq!(check_counts(&p, &full, new_wf, 20).unwrap_err().reason(), "max_pending");
+        // Pods outside workflows are not held back by the share.
+        assert!(check_counts(&p, &snap(0, 9), Ask::default(), 20).is_ok());
+        // At a tiny limit the share rounds down, so new workflows can still start.
+        assert!(check_counts(&policy(None, Some(1)), &snap(0, 0), new_wf, 20).is_ok());
+        // A new workflow at the full limit is told about the limit, not the share.
+        assert_eq!(check_counts(&p, &snap(0, 10), new_wf, 20).unwrap_err().reason(), "max_pending");
+    }
+
+    #[test]
+    fn cluster_cap_takes_the_smaller_and_needs_nodes() {
+        let limits = ClusterLimits {
+            max_pending_pods: Some(1000),
+            pending_per_healthy_node: Some(20),
+        };
+        assert_eq!(cluster_cap(&limits, None).map(|c| c.limit), Some(1000));
+        let cap = cluster_cap(&limits, Some(10)).unwrap();
+        assert_eq!(cap.limit, 200);
+        assert_eq!(
+            cap.basis,
+            CapBasis::PerNode {
+                per_node: 20,
+                nodes: 10
+            }
+        );
+        assert_eq!(cluster_cap(&limits, Some(100)).map(|c| c.limit), Some(1000));
+        assert_eq!(cluster_cap(&limits, Some(0)).map(|c| c.limit), Some(0));
+        let none = ClusterLimits {
+            max_pending_pods: None,
+            pending_per_healthy_node: None,
+        };
+        assert_eq!(cluster_cap(&none, Some(5)), None);
+
+        let s = Snapshot {
+            cluster_pending: 200,
+            cluster_cap: Some(cap),
+            ..snap(0, 0)
+        };
+        let r = check_counts(&policy(None, None), &s, Ask::default(), 20).unwrap_err();
+        assert_eq!(
+            r.message("ci", 5),
+            "the cluster has 200 pods not yet running, at its limit of 200 (20 per schedulable node x 10 nodes); retry in 5s (bulwark config cluster.pendingPerHealthyNode)"
+        );
+    }
+
+    #[test]
+    fn expected_wait_follows_the_drain_rate() {
+        let p = policy(None, Some(10));
+        let fast = Snapshot {
+            pending_drain_rate: 5.0,
+            ..snap(0, 14)
+        };
+        // 5 slots needed at 5 pods/s: about a second.
+        let r = check_counts(&p, &fast, Ask::default(), 0).unwrap_err();
+        assert_eq!(r.expected_wait(), Duration::from_secs(1));
+        let stalled = snap(0, 10);
+        let r = check_counts(&p, &stalled, Ask::default(), 0).unwrap_err();
+        assert_eq!(r.expected_wait(), NO_DRAIN_PENDING_WAIT);
+    }
+
+    #[test]
+    fn rate_message() {
+        let r = Refusal::Rate {
+            rate: parse_rate("5/s").unwrap().unwrap(),
+            burst: 20,
+            wait: Duration::from_millis(200),
+        };
+        assert_eq!(
+            r.message("ci", 3),
+            "namespace \"ci\" is creating pods faster than its limit of 5/s (burst 20); retry in 3s (annotation bulwark.io/pod-rate)"
+        );
+    }
+}
