@@ -12,8 +12,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -202,7 +202,10 @@ mod tests {
         };
         assert!(matches!(generate(&r(&[], 30)), Err(CertError::NoNames)));
         assert!(matches!(generate(&r(&["a"], 0)), Err(CertError::Days(0))));
-        assert!(matches!(generate(&r(&["bad name\u{7f}é"], 30)), Err(CertError::DnsName(_))));
+        assert!(matches!(
+            generate(&r(&["bad name\u{7f}é"], 30)),
+            Err(CertError::DnsName(_))
+        ));
     }
 
     #[test]

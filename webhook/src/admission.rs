@@ -22,7 +22,9 @@ const KIND: &str = "AdmissionReview";
 pub enum ReviewError {
     #[error("request body is not valid JSON: {0}")]
     NotJson(String),
-    #[error("expected apiVersion {API_VERSION:?} and kind {KIND:?}, got {api_version:?} and {kind:?}")]
+    #[error(
+        "expected apiVersion {API_VERSION:?} and kind {KIND:?}, got {api_version:?} and {kind:?}"
+    )]
     WrongType { api_version: String, kind: String },
     #[error("AdmissionReview has no request")]
     NoRequest,
@@ -200,7 +202,10 @@ mod tests {
         assert!(r.pod_create().is_some());
         assert_eq!(r.allow().uid, "u-1");
 
-        let cm = review("ConfigMap", json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}));
+        let cm = review(
+            "ConfigMap",
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}),
+        );
         let r = decode(&cm).unwrap();
         assert!(matches!(r, Review::Other(_)));
         assert!(r.pod_create().is_none());
@@ -209,7 +214,10 @@ mod tests {
     #[test]
     fn bad_bodies() {
         assert!(matches!(decode(b"not json"), Err(ReviewError::NotJson(_))));
-        assert!(matches!(decode(b"{\"apiVersion\":"), Err(ReviewError::NotJson(_))));
+        assert!(matches!(
+            decode(b"{\"apiVersion\":"),
+            Err(ReviewError::NotJson(_))
+        ));
         assert!(matches!(
             decode(br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview","request":null}"#),
             Err(ReviewError::WrongType { .. })
@@ -219,7 +227,10 @@ mod tests {
             Err(ReviewError::NoRequest)
         ));
         assert!(matches!(decode(b"[1,2]"), Err(ReviewError::Invalid(_))));
-        let broken_pod = review("Pod", json!({"apiVersion": "v1", "kind": "Pod", "spec": {"containers": 7}}));
+        let broken_pod = review(
+            "Pod",
+            json!({"apiVersion": "v1", "kind": "Pod", "spec": {"containers": 7}}),
+        );
         let err = decode(&broken_pod).unwrap_err();
         assert!(matches!(err, ReviewError::Invalid(_)), "{err}");
         assert!(err.to_string().contains("pod object"), "{err}");
@@ -229,7 +240,11 @@ mod tests {
 
     #[test]
     fn refusal_shape() {
-        let r = decode(&review("Pod", json!({"apiVersion": "v1", "kind": "Pod", "spec": {"containers": []}}))).unwrap();
+        let r = decode(&review(
+            "Pod",
+            json!({"apiVersion": "v1", "kind": "Pod", "spec": {"containers": []}}),
+        ))
+        .unwrap();
         let resp = too_many_requests(r.allow(), "slow down".into(), 0);
         let v: serde_json::Value = serde_json::from_slice(&encode(resp)).unwrap();
         assert_eq!(v["apiVersion"], "admission.k8s.io/v1");
@@ -240,6 +255,9 @@ mod tests {
         assert_eq!(resp["status"]["code"], 429);
         assert_eq!(resp["status"]["reason"], "TooManyRequests");
         assert_eq!(resp["status"]["message"], "slow down");
-        assert_eq!(resp["status"]["details"]["retryAfterSeconds"], 1, "at least 1");
+        assert_eq!(
+            resp["status"]["details"]["retryAfterSeconds"], 1,
+            "at least 1"
+        );
     }
 }

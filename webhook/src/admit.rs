@@ -10,8 +10,7 @@ use crate::{
     admission::{Review, too_many_requests},
     cache::{ClusterView, NamespaceInfo},
     config::Config,
-    defaults,
-    jitter,
+    defaults, jitter,
     ledger::{Commit, Ledger, Limits},
     metrics::Metrics,
     pod::PodFacts,
@@ -142,7 +141,10 @@ impl Admitter {
         };
         let policy = &info.policy;
         if policy.mode == Mode::Off {
-            return (with_warnings(allow, warnings), outcome("allowed", "mode_off"));
+            return (
+                with_warnings(allow, warnings),
+                outcome("allowed", "mode_off"),
+            );
         }
         let Some((req, pod)) = review.pod_create() else {
             return (allow, outcome("allowed", "not_pod_create"));
@@ -150,7 +152,10 @@ impl Admitter {
         let facts = PodFacts::of(pod, &self.config.workflow_labels);
         if let Some(why) = facts.exempt {
             tracing::debug!(namespace = ns, why, "exempt pod");
-            return (with_warnings(allow, warnings), outcome("allowed", "exempt_pod"));
+            return (
+                with_warnings(allow, warnings),
+                outcome("allowed", "exempt_pod"),
+            );
         }
         let commit = if req.dry_run {
             Commit::DryRun
@@ -193,7 +198,13 @@ impl Admitter {
             allow = with_warnings(allow, warnings);
             return (allow, outcome("warned", refusal.reason()));
         }
-        tracing::info!(namespace = ns, reason = refusal.reason(), retry_after = retry, dry_run = req.dry_run, "refused pod creation");
+        tracing::info!(
+            namespace = ns,
+            reason = refusal.reason(),
+            retry_after = retry,
+            dry_run = req.dry_run,
+            "refused pod creation"
+        );
         let resp = with_warnings(too_many_requests(allow, message, retry), warnings);
         (resp, outcome("refused", refusal.reason()))
     }

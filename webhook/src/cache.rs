@@ -487,9 +487,11 @@ pub fn node_is_schedulable(node: &Node) -> bool {
     if spec.unschedulable == Some(true) {
         return false;
     }
-    let tainted = spec.taints.iter().flatten().any(|t| {
-        matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
-    });
+    let tainted = spec
+        .taints
+        .iter()
+        .flatten()
+        .any(|t| matches!(t.effect.as_str(), "NoSchedule" | "NoExecute"));
     let ready = node
         .status
         .as_ref()
@@ -564,7 +566,10 @@ mod tests {
         assert!(!c.apply_pod("ci", "a", entry(PodState::Running, Some("wf")), t));
         let n = c.pod_counts("ci", Some("wf"), t);
         assert_eq!((n.live, n.pending), (2, 1));
-        assert!(n.pending_drain_rate > 0.0, "a pod started: drain is observed");
+        assert!(
+            n.pending_drain_rate > 0.0,
+            "a pod started: drain is observed"
+        );
         assert_eq!(c.cluster_pending(), 1);
 
         c.apply_pod("ci", "a", entry(PodState::Terminal, Some("wf")), t);

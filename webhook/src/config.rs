@@ -272,7 +272,10 @@ maxRetryAfterSeconds: 60
             ("defaults:\n  podRate: fast\n", "defaults.podRate"),
             ("defaults:\n  podrate: 5/s\n", "defaults.podrate"),
             ("defaults:\n  maxPods: -1\n", "defaults.maxPods"),
-            ("cluster:\n  maxPendingPods: many\n", "cluster.maxPendingPods"),
+            (
+                "cluster:\n  maxPendingPods: many\n",
+                "cluster.maxPendingPods",
+            ),
             ("cluster:\n  maxPending: 5\n", "maxPending"),
             ("workflowReservedShare: 120%\n", "workflowReservedShare"),
             ("reservationTtlSeconds: 0\n", "reservationTtlSeconds"),

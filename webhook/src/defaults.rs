@@ -111,7 +111,11 @@ pub fn mutate(pod: &Pod, requests: &ResourceDefaults, limits: &ResourceDefaults)
         return m;
     };
     let lists: [(&str, &str, &[Container]); 2] = [
-        ("initContainers", "init:", spec.init_containers.as_deref().unwrap_or_default()),
+        (
+            "initContainers",
+            "init:",
+            spec.init_containers.as_deref().unwrap_or_default(),
+        ),
         ("containers", "", &spec.containers),
     ];
     for (list, prefix, containers) in lists {
@@ -130,7 +134,10 @@ fn plan(
     resources: Option<&ResourceRequirements>,
     requests: &ResourceDefaults,
     limits: &ResourceDefaults,
-) -> (BTreeMap<&'static str, String>, BTreeMap<&'static str, String>) {
+) -> (
+    BTreeMap<&'static str, String>,
+    BTreeMap<&'static str, String>,
+) {
     fn get<'a>(map: Option<&'a BTreeMap<String, Quantity>>, key: &str) -> Option<&'a str> {
         map.and_then(|m| m.get(key)).map(|q| q.0.as_str())
     }
@@ -224,10 +231,24 @@ fn default_container(
     }
     let mut items: Vec<(&'static str, String)> = Vec::new();
     for (k, v) in &add_req {
-        items.push((if *k == "cpu" { "requests.cpu" } else { "requests.memory" }, v.clone()));
+        items.push((
+            if *k == "cpu" {
+                "requests.cpu"
+            } else {
+                "requests.memory"
+            },
+            v.clone(),
+        ));
     }
     for (k, v) in &add_lim {
-        items.push((if *k == "cpu" { "limits.cpu" } else { "limits.memory" }, v.clone()));
+        items.push((
+            if *k == "cpu" {
+                "limits.cpu"
+            } else {
+                "limits.memory"
+            },
+            v.clone(),
+        ));
     }
     Some(items)
 }
@@ -257,10 +278,17 @@ mod tests {
         let patch = m.into_patch(&typed);
         let mut doc = pod;
         json_patch::patch(&mut doc, &patch).unwrap();
-        (serde_json::from_value(doc).expect("patched pod parses"), shown)
+        (
+            serde_json::from_value(doc).expect("patched pod parses"),
+            shown,
+        )
     }
 
-    fn resources(pod: &Pod, init: bool, i: usize) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    fn resources(
+        pod: &Pod,
+        init: bool,
+        i: usize,
+    ) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
         let spec = pod.spec.as_ref().unwrap();
         let c = if init {
             &spec.init_containers.as_ref().unwrap()[i]
@@ -269,13 +297,19 @@ mod tests {
         };
         let r = c.resources.clone().unwrap_or_default();
         let flat = |m: Option<BTreeMap<String, Quantity>>| {
-            m.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect()
+            m.unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect()
         };
         (flat(r.requests), flat(r.limits))
     }
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -286,7 +320,10 @@ mod tests {
         }));
         assert_eq!(
             resources(&pod, false, 0),
-            (map(&[("cpu", "100m"), ("memory", "128Mi")]), map(&[("cpu", "1"), ("memory", "512Mi")]))
+            (
+                map(&[("cpu", "100m"), ("memory", "128Mi")]),
+                map(&[("cpu", "1"), ("memory", "512Mi")])
+            )
         );
         assert_eq!(
             pod.metadata.annotations.unwrap()[DEFAULTED_ANNOTATION],
@@ -313,15 +350,24 @@ mod tests {
         }));
         assert_eq!(
             resources(&pod, false, 0),
-            (map(&[("cpu", "50m"), ("memory", "128Mi")]), map(&[("cpu", "50m"), ("memory", "512Mi")]))
+            (
+                map(&[("cpu", "50m"), ("memory", "128Mi")]),
+                map(&[("cpu", "50m"), ("memory", "512Mi")])
+            )
         );
         assert_eq!(
             resources(&pod, false, 1),
-            (map(&[("cpu", "100m"), ("memory", "2Gi")]), map(&[("cpu", "1"), ("memory", "2Gi")]))
+            (
+                map(&[("cpu", "100m"), ("memory", "2Gi")]),
+                map(&[("cpu", "1"), ("memory", "2Gi")])
+            )
         );
         assert_eq!(
             resources(&pod, false, 2),
-            (map(&[("cpu", "1"), ("memory", "1Gi")]), map(&[("cpu", "2"), ("memory", "1Gi")]))
+            (
+                map(&[("cpu", "1"), ("memory", "1Gi")]),
+                map(&[("cpu", "2"), ("memory", "1Gi")])
+            )
         );
         assert_eq!(resources(&pod, false, 3).0.len(), 2);
         let ann = pod.metadata.annotations.unwrap();
@@ -341,9 +387,15 @@ mod tests {
         }));
         assert_eq!(resources(&pod, true, 0).0["cpu"], "100m");
         for i in 0..40 {
-            assert_eq!(resources(&pod, false, i).1["memory"], "512Mi", "container {i}");
+            assert_eq!(
+                resources(&pod, false, i).1["memory"],
+                "512Mi",
+                "container {i}"
+            );
         }
-        assert!(pod.metadata.annotations.unwrap()[DEFAULTED_ANNOTATION].starts_with("init:setup: "));
+        assert!(
+            pod.metadata.annotations.unwrap()[DEFAULTED_ANNOTATION].starts_with("init:setup: ")
+        );
         let w = m.warnings("ci");
         assert_eq!(w.len(), MAX_WARNINGS + 1);
         assert!(w[MAX_WARNINGS].contains("36 more containers"));
@@ -360,7 +412,8 @@ mod tests {
         assert!(m.is_empty());
         assert!(m.into_patch(&pod).0.is_empty());
         let none = ResourceDefaults::default();
-        let bare: Pod = serde_json::from_value(json!({"spec": {"containers": [{"name": "a"}]}})).unwrap();
+        let bare: Pod =
+            serde_json::from_value(json!({"spec": {"containers": [{"name": "a"}]}})).unwrap();
         assert!(mutate(&bare, &none, &none).is_empty());
     }
 

@@ -42,7 +42,11 @@ mod tests {
         ] {
             let e = Duration::from_millis(expected_ms);
             assert_eq!(retry_after_seconds(e, MAX, 0.0), lo, "{expected_ms}ms low");
-            assert_eq!(retry_after_seconds(e, MAX, 0.999_999), hi, "{expected_ms}ms high");
+            assert_eq!(
+                retry_after_seconds(e, MAX, 0.999_999),
+                hi,
+                "{expected_ms}ms high"
+            );
             for _ in 0..1000 {
                 let s = jittered(e, MAX);
                 assert!((lo..=hi).contains(&s), "{expected_ms}ms gave {s}");
@@ -52,9 +56,15 @@ mod tests {
 
     #[test]
     fn odd_samples_are_tamed() {
-        assert_eq!(retry_after_seconds(Duration::from_secs(4), MAX, f64::NAN), 4);
+        assert_eq!(
+            retry_after_seconds(Duration::from_secs(4), MAX, f64::NAN),
+            4
+        );
         assert_eq!(retry_after_seconds(Duration::from_secs(4), MAX, 7.0), 6);
-        assert_eq!(retry_after_seconds(Duration::from_secs(4), Duration::ZERO, 0.0), 1);
+        assert_eq!(
+            retry_after_seconds(Duration::from_secs(4), Duration::ZERO, 0.0),
+            1
+        );
     }
 
     #[test]

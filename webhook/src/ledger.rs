@@ -119,9 +119,11 @@ impl Ledger {
         let reserved = u32::try_from(ns.reservations.len()).unwrap_or(u32::MAX);
         let reserved_pending =
             u32::try_from(ns.reservations.iter().filter(|r| r.pending).count()).unwrap_or(u32::MAX);
-        let workflow_reserved = ask
-            .workflow
-            .is_some_and(|w| ns.reservations.iter().any(|r| r.workflow.as_deref() == Some(w)));
+        let workflow_reserved = ask.workflow.is_some_and(|w| {
+            ns.reservations
+                .iter()
+                .any(|r| r.workflow.as_deref() == Some(w))
+        });
         let cluster_cap = quota::cluster_cap(&limits.cluster, view.schedulable_nodes());
         let cluster_drain_rate = view.cluster_drain_rate(now);
         let snap = Snapshot {
@@ -289,7 +291,16 @@ mod tests {
         let p = counts_only(Some(2), None);
         let l = limits(None);
         let admit = |name: &str| {
-            ledger.admit(&cache, "ci", Some(name), &p, Ask::default(), &l, Commit::Enforce, t)
+            ledger.admit(
+                &cache,
+                "ci",
+                Some(name),
+                &p,
+                Ask::default(),
+                &l,
+                Commit::Enforce,
+                t,
+            )
         };
         assert!(admit("a").is_ok());
         assert!(admit("b").is_ok());
@@ -313,10 +324,25 @@ mod tests {
         let ledger = Ledger::new(TTL, t);
         let p = counts_only(None, Some(1));
         let l = limits(None);
-        let admit =
-            |at: Instant| ledger.admit(&cache, "ci", None, &p, Ask::default(), &l, Commit::Enforce, at);
+        let admit = |at: Instant| {
+            ledger.admit(
+                &cache,
+                "ci",
+                None,
+                &p,
+                Ask::default(),
+                &l,
+                Commit::Enforce,
+                at,
+            )
+        };
         assert!(admit(t).is_ok());
-        assert_eq!(admit(t + TTL - Duration::from_millis(1)).unwrap_err().reason(), "max_pending");
+        assert_eq!(
+            admit(t + TTL - Duration::from_millis(1))
+                .unwrap_err()
+                .reason(),
+            "max_pending"
+        );
         // The pod never showed up (another webhook refused it): the slot comes back.
         assert!(admit(t + TTL).is_ok());
         ledger.sweep(t + 3 * TTL);
@@ -330,8 +356,30 @@ mod tests {
         let ledger = Ledger::new(TTL, t);
         let p = counts_only(None, None);
         let l = limits(None);
-        ledger.admit(&cache, "ci", None, &p, Ask::default(), &l, Commit::Enforce, t).unwrap();
-        ledger.admit(&cache, "ci", Some("named"), &p, Ask::default(), &l, Commit::Enforce, t).unwrap();
+        ledger
+            .admit(
+                &cache,
+                "ci",
+                None,
+                &p,
+                Ask::default(),
+                &l,
+                Commit::Enforce,
+                t,
+            )
+            .unwrap();
+        ledger
+            .admit(
+                &cache,
+                "ci",
+                Some("named"),
+                &p,
+                Ask::default(),
+                &l,
+                Commit::Enforce,
+                t,
+            )
+            .unwrap();
         ledger.observe_created("ci", "job-x7k2p");
         ledger.observe_created("ci", "unrelated-pod");
         assert_eq!(ledger.reserved(), 1, "the named reservation stays");
@@ -351,12 +399,51 @@ mod tests {
         };
         let l = limits(None);
         for _ in 0..5 {
-            assert!(ledger.admit(&cache, "ci", None, &p, Ask::default(), &l, Commit::DryRun, t).is_ok());
+            assert!(
+                ledger
+                    .admit(
+                        &cache,
+                        "ci",
+                        None,
+                        &p,
+                        Ask::default(),
+                        &l,
+                        Commit::DryRun,
+                        t
+                    )
+                    .is_ok()
+            );
         }
         assert_eq!(ledger.reserved(), 0);
-        assert!(ledger.admit(&cache, "ci", None, &p, Ask::default(), &l, Commit::Enforce, t).is_ok());
-        let r = ledger.admit(&cache, "ci", None, &p, Ask::default(), &l, Commit::DryRun, t);
-        assert_eq!(r.unwrap_err().reason(), "max_pods", "dry-run still tells the verdict");
+        assert!(
+            ledger
+                .admit(
+                    &cache,
+                    "ci",
+                    None,
+                    &p,
+                    Ask::default(),
+                    &l,
+                    Commit::Enforce,
+                    t
+                )
+                .is_ok()
+        );
+        let r = ledger.admit(
+            &cache,
+            "ci",
+            None,
+            &p,
+            Ask::default(),
+            &l,
+            Commit::DryRun,
+            t,
+        );
+        assert_eq!(
+            r.unwrap_err().reason(),
+            "max_pods",
+            "dry-run still tells the verdict"
+        );
     }
 
     #[test]
@@ -370,13 +457,30 @@ mod tests {
             ..counts_only(None, None)
         };
         let l = limits(None);
-        assert!(ledger.admit(&cache, "ci", None, &p, Ask::default(), &l, Commit::Warn, t).is_ok());
+        assert!(
+            ledger
+                .admit(&cache, "ci", None, &p, Ask::default(), &l, Commit::Warn, t)
+                .is_ok()
+        );
         let r = ledger.admit(&cache, "ci", None, &p, Ask::default(), &l, Commit::Warn, t);
         assert_eq!(r.unwrap_err().reason(), "rate");
         assert_eq!(ledger.reserved(), 2, "the warned pod is still counted");
         // The rate state did not run ahead: one second later one creation fits again.
         let later = t + Duration::from_secs(1);
-        assert!(ledger.admit(&cache, "ci", None, &p, Ask::default(), &l, Commit::Enforce, later).is_ok());
+        assert!(
+            ledger
+                .admit(
+                    &cache,
+                    "ci",
+                    None,
+                    &p,
+                    Ask::default(),
+                    &l,
+                    Commit::Enforce,
+                    later
+                )
+                .is_ok()
+        );
     }
 
     #[test]
@@ -391,22 +495,41 @@ mod tests {
             workflow: Some(w),
         };
         for _ in 0..4 {
-            ledger.admit(&cache, "ci", None, &p, wf("a"), &l, Commit::Enforce, t).unwrap();
+            ledger
+                .admit(&cache, "ci", None, &p, wf("a"), &l, Commit::Enforce, t)
+                .unwrap();
         }
         assert_eq!(
-            ledger.admit(&cache, "ci", None, &p, wf("b"), &l, Commit::Enforce, t).unwrap_err().reason(),
+            ledger
+                .admit(&cache, "ci", None, &p, wf("b"), &l, Commit::Enforce, t)
+                .unwrap_err()
+                .reason(),
             "workflow_share"
         );
-        assert!(ledger.admit(&cache, "ci", None, &p, wf("a"), &l, Commit::Enforce, t).is_ok());
+        assert!(
+            ledger
+                .admit(&cache, "ci", None, &p, wf("a"), &l, Commit::Enforce, t)
+                .is_ok()
+        );
         // A workflow whose pods the watch shows is started too.
         cache.apply_pod("ci", "c-1", pending(Some("c")), t);
         let p10 = counts_only(None, Some(10));
         for _ in 0..3 {
-            ledger.admit(&cache, "ci", None, &p10, wf("a"), &l, Commit::Enforce, t).unwrap();
+            ledger
+                .admit(&cache, "ci", None, &p10, wf("a"), &l, Commit::Enforce, t)
+                .unwrap();
         }
         // 9 pending of 10, 2 kept: "c" may, a new "d" may not.
-        assert!(ledger.admit(&cache, "ci", None, &p10, wf("c"), &l, Commit::Enforce, t).is_ok());
-        assert!(ledger.admit(&cache, "ci", None, &p10, wf("d"), &l, Commit::Enforce, t).is_err());
+        assert!(
+            ledger
+                .admit(&cache, "ci", None, &p10, wf("c"), &l, Commit::Enforce, t)
+                .is_ok()
+        );
+        assert!(
+            ledger
+                .admit(&cache, "ci", None, &p10, wf("d"), &l, Commit::Enforce, t)
+                .is_err()
+        );
     }
 
     #[test]
@@ -428,7 +551,16 @@ mod tests {
                     for n in 0..100 {
                         // Four namespaces hammered from every thread at once.
                         let ns = ["a", "b", "c", "d"][(i + n) % 4];
-                        let r = ledger.admit(&*cache, ns, None, &p, Ask::default(), &l, Commit::Enforce, t);
+                        let r = ledger.admit(
+                            &*cache,
+                            ns,
+                            None,
+                            &p,
+                            Ask::default(),
+                            &l,
+                            Commit::Enforce,
+                            t,
+                        );
                         if r.is_ok() {
                             ok[(i + n) % 4] += 1;
                         }
@@ -444,7 +576,11 @@ mod tests {
             }
         }
         assert!(per_ns.iter().all(|&n| n <= 50), "{per_ns:?}");
-        assert_eq!(per_ns.iter().sum::<u32>(), 120, "{per_ns:?}: the cluster cap is exact");
+        assert_eq!(
+            per_ns.iter().sum::<u32>(),
+            120,
+            "{per_ns:?}: the cluster cap is exact"
+        );
         assert_eq!(ledger.reserved(), 120);
     }
 
@@ -460,10 +596,45 @@ mod tests {
         };
         let l = limits(None);
         for _ in 0..3 {
-            ledger.admit(&cache, "a", None, &p, Ask::default(), &l, Commit::Enforce, t).unwrap();
+            ledger
+                .admit(
+                    &cache,
+                    "a",
+                    None,
+                    &p,
+                    Ask::default(),
+                    &l,
+                    Commit::Enforce,
+                    t,
+                )
+                .unwrap();
         }
-        let r = ledger.admit(&cache, "a", None, &p, Ask::default(), &l, Commit::Enforce, t).unwrap_err();
+        let r = ledger
+            .admit(
+                &cache,
+                "a",
+                None,
+                &p,
+                Ask::default(),
+                &l,
+                Commit::Enforce,
+                t,
+            )
+            .unwrap_err();
         assert_eq!(r.expected_wait(), Duration::from_millis(200));
-        assert!(ledger.admit(&cache, "b", None, &p, Ask::default(), &l, Commit::Enforce, t).is_ok());
+        assert!(
+            ledger
+                .admit(
+                    &cache,
+                    "b",
+                    None,
+                    &p,
+                    Ask::default(),
+                    &l,
+                    Commit::Enforce,
+                    t
+                )
+                .is_ok()
+        );
     }
 }

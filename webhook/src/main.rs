@@ -19,7 +19,11 @@ use bulwark::{
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "bulwark", version, about = "Keeps Kubernetes clusters stable under bursty pod creation")]
+#[command(
+    name = "bulwark",
+    version,
+    about = "Keeps Kubernetes clusters stable under bursty pod creation"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "BULWARK_LOG_FORMAT")]

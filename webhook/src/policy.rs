@@ -140,7 +140,9 @@ impl Default for Policy {
 pub enum ValueError {
     #[error("expected one of enforce, warn, off")]
     Mode,
-    #[error("expected COUNT/UNIT with UNIT s, m or h and COUNT a whole number above 0 (e.g. 5/s, 300/m), or unlimited")]
+    #[error(
+        "expected COUNT/UNIT with UNIT s, m or h and COUNT a whole number above 0 (e.g. 5/s, 300/m), or unlimited"
+    )]
     Rate,
     #[error("expected a whole number from 1 to 1000000")]
     Burst,
@@ -306,7 +308,18 @@ mod tests {
             Duration::from_secs(3600)
         );
         assert_eq!(parse_rate("unlimited"), Ok(None));
-        for bad in ["", "5", "0/s", "-1/s", "5/d", "1.5/s", "x/s", "5/", "/s", "2000000/s"] {
+        for bad in [
+            "",
+            "5",
+            "0/s",
+            "-1/s",
+            "5/d",
+            "1.5/s",
+            "x/s",
+            "5/",
+            "/s",
+            "2000000/s",
+        ] {
             assert_eq!(parse_rate(bad), Err(ValueError::Rate), "{bad:?}");
         }
     }
@@ -363,7 +376,10 @@ mod tests {
         assert_eq!(p.max_pods, Some(10));
         assert_eq!(p.max_pending_pods, defaults.max_pending_pods);
         assert_eq!(p.default_limits.cpu, Some(Cpu(2000)));
-        assert_eq!(p.default_limits.memory, None, "annotation replaces the whole set");
+        assert_eq!(
+            p.default_limits.memory, None,
+            "annotation replaces the whole set"
+        );
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].annotation, POD_BURST);
         assert_eq!(
@@ -389,7 +405,10 @@ mod tests {
         for (annotation, value) in bad {
             let (p, problems) =
                 Policy::from_annotations(&defaults, Some(&annotations(&[(annotation, value)])));
-            assert_eq!(p, defaults, "{annotation}={value:?} must leave the defaults");
+            assert_eq!(
+                p, defaults,
+                "{annotation}={value:?} must leave the defaults"
+            );
             assert_eq!(problems.len(), 1, "{annotation}={value:?}");
             assert!(problems[0].to_string().contains(annotation));
         }

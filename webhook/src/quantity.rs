@@ -12,7 +12,9 @@ use std::fmt;
 pub enum QuantityError {
     #[error("empty quantity")]
     Empty,
-    #[error("{0:?} is not a quantity (expected a number with an optional unit, e.g. 100m, 1.5, 128Mi)")]
+    #[error(
+        "{0:?} is not a quantity (expected a number with an optional unit, e.g. 100m, 1.5, 128Mi)"
+    )]
     Syntax(String),
     #[error("{0:?} is negative")]
     Negative(String),
@@ -43,7 +45,7 @@ impl Memory {
 
 impl fmt::Display for Cpu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 % 1000 == 0 {
+        if self.0.is_multiple_of(1000) {
             write!(f, "{}", self.0 / 1000)
         } else {
             write!(f, "{}m", self.0)
@@ -61,7 +63,7 @@ impl fmt::Display for Memory {
             ("", 1),
         ];
         for (suffix, size) in UNITS {
-            if self.0 != 0 && self.0 % size == 0 {
+            if self.0 != 0 && self.0.is_multiple_of(size) {
                 return write!(f, "{}{}", self.0 / size, suffix);
             }
         }

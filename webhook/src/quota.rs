@@ -40,13 +40,14 @@ pub fn cluster_cap(limits: &ClusterLimits, schedulable_nodes: Option<u32>) -> Op
         limit: u64::from(limit),
         basis: CapBasis::Absolute,
     });
-    let per_node = limits
-        .pending_per_healthy_node
-        .zip(schedulable_nodes)
-        .map(|(per_node, nodes)| ClusterCap {
-            limit: u64::from(per_node) * u64::from(nodes),
-            basis: CapBasis::PerNode { per_node, nodes },
-        });
+    let per_node =
+        limits
+            .pending_per_healthy_node
+            .zip(schedulable_nodes)
+            .map(|(per_node, nodes)| ClusterCap {
+                limit: u64::from(per_node) * u64::from(nodes),
+                basis: CapBasis::PerNode { per_node, nodes },
+            });
     match (absolute, per_node) {
         (Some(a), Some(p)) => Some(if p.limit < a.limit { p } else { a }),
         (a, p) => a.or(p),
@@ -229,7 +230,11 @@ pub fn check_counts(
     if let Some(cap) = snap.cluster_cap
         && snap.cluster_pending >= cap.limit
     {
-        return Err(cluster_refusal(snap.cluster_pending, cap, snap.cluster_drain_rate));
+        return Err(cluster_refusal(
+            snap.cluster_pending,
+            cap,
+            snap.cluster_drain_rate,
+        ));
     }
     Ok(())
 }
@@ -277,7 +282,15 @@ mod tests {
             r.message("ci", 7),
             "namespace \"ci\" has 3 live pods, at its limit of 3; retry in 7s, when some finish (annotation bulwark.io/max-pods)"
         );
-        assert!(check_counts(&policy(None, None), &snap(1_000_000, 1_000_000), Ask::default(), 20).is_ok());
+        assert!(
+            check_counts(
+                &policy(None, None),
+                &snap(1_000_000, 1_000_000),
+                Ask::default(),
+                20
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -286,7 +299,10 @@ mod tests {
         assert!(check_counts(&p, &snap(10, 1), Ask::default(), 0).is_ok());
         let r = check_counts(&p, &snap(10, 2), Ask::default(), 0).unwrap_err();
         assert_eq!(r.reason(), "max_pending");
-        assert!(r.message("ci", 3).contains("2 pods not yet running, at its limit of 2"));
+        assert!(
+            r.message("ci", 3)
+                .contains("2 pods not yet running, at its limit of 2")
+        );
         let ds = Ask {
             pending_exempt: true,
             workflow: None,
@@ -316,18 +332,29 @@ mod tests {
             "{}",
             r.message("ci", 2)
         );
-        assert!(check_counts(&p, &started, new_wf, 20).is_ok(), "started workflow uses the share");
+        assert!(
+            check_counts(&p, &started, new_wf, 20).is_ok(),
+            "started workflow uses the share"
+        );
         let full = Snapshot {
             workflow_started: true,
             ..snap(0, 10)
         };
-        assert_eq!(check_counts(&p, &full, new_wf, 20).unwrap_err().reason(), "max_pending");
+        assert_eq!(
+            check_counts(&p, &full, new_wf, 20).unwrap_err().reason(),
+            "max_pending"
+        );
         // Pods outside workflows are not held back by the share.
         assert!(check_counts(&p, &snap(0, 9), Ask::default(), 20).is_ok());
         // At a tiny limit the share rounds down, so new workflows can still start.
         assert!(check_counts(&policy(None, Some(1)), &snap(0, 0), new_wf, 20).is_ok());
         // A new workflow at the full limit is told about the limit, not the share.
-        assert_eq!(check_counts(&p, &snap(0, 10), new_wf, 20).unwrap_err().reason(), "max_pending");
+        assert_eq!(
+            check_counts(&p, &snap(0, 10), new_wf, 20)
+                .unwrap_err()
+                .reason(),
+            "max_pending"
+        );
     }
 
     #[test]

@@ -55,7 +55,11 @@ mod tests {
         let start = 100 * SEC;
         let (n, tat, wait) = drain(0, start, r, 20);
         assert_eq!(n, 20, "a full bucket admits the burst at once");
-        assert_eq!(wait, Duration::from_millis(200), "next slot after one interval");
+        assert_eq!(
+            wait,
+            Duration::from_millis(200),
+            "next slot after one interval"
+        );
 
         // One second later exactly five more fit: the sustained rate.
         let (n, _, _) = drain(tat, start + SEC, r, 20);
@@ -68,7 +72,10 @@ mod tests {
         let t0 = 10 * SEC;
         let tat = check(0, t0, r, 1).unwrap();
         assert_eq!(check(tat, t0, r, 1), Err(Duration::from_millis(500)));
-        assert_eq!(check(tat, t0 + SEC / 4, r, 1), Err(Duration::from_millis(250)));
+        assert_eq!(
+            check(tat, t0 + SEC / 4, r, 1),
+            Err(Duration::from_millis(250))
+        );
         assert!(check(tat, t0 + SEC / 2, r, 1).is_ok());
     }
 

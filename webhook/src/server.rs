@@ -149,14 +149,21 @@ fn metrics_router(app: Arc<App>) -> Router {
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     match app.ready() {
         Ok(()) => (StatusCode::OK, "ok\n").into_response(),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response(),
     }
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let text = app.metrics.render(&app.cache, &app.ledger, Instant::now());
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         text,
     )
         .into_response()
@@ -229,8 +236,12 @@ async fn review(app: Arc<App>, endpoint: Endpoint, req: Request) -> Response {
         Endpoint::Validate => app.admitter.validate(&review, Instant::now()),
     };
     let body = admission::encode(response);
-    app.metrics
-        .observe(endpoint.name(), outcome.verdict, outcome.reason, start.elapsed());
+    app.metrics.observe(
+        endpoint.name(),
+        outcome.verdict,
+        outcome.reason,
+        start.elapsed(),
+    );
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
@@ -268,7 +279,11 @@ pub async fn start(app: Arc<App>, opts: ServeOptions) -> Result<Running, ServerE
         }));
     }
 
-    let reload = tokio::spawn(opts.certs.clone().watch(opts.reload_interval, app.metrics.clone()));
+    let reload = tokio::spawn(
+        opts.certs
+            .clone()
+            .watch(opts.reload_interval, app.metrics.clone()),
+    );
     let router = router(app.clone());
     let drain_timeout = opts.drain_timeout;
     tasks.push(tokio::spawn(async move {
@@ -363,6 +378,9 @@ async fn serve_tls(
         .await
         .is_err()
     {
-        tracing::warn!(?drain_timeout, "drain timed out; closing remaining connections");
+        tracing::warn!(
+            ?drain_timeout,
+            "drain timed out; closing remaining connections"
+        );
     }
 }

@@ -88,7 +88,11 @@ pub fn load_certified_key(
 type Stamp = Option<(SystemTime, u64, SystemTime, u64)>;
 
 fn stamp(cert: &Path, key: &Path) -> Stamp {
-    let meta = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.modified().ok(), m.len()));
+    let meta = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
     match (meta(cert), meta(key)) {
         (Some((Some(ct), cl)), Some((Some(kt), kl))) => Some((ct, cl, kt, kl)),
         _ => None,

@@ -59,7 +59,10 @@ async fn watch_pods(api: Api<Pod>, cache: Arc<Cache>, ledger: Arc<Ledger>) {
         let now = Instant::now();
         match event {
             Ok(Event::Apply(pod)) => {
-                let (Some(ns), Some(name)) = (pod.metadata.namespace.as_deref(), pod.metadata.name.as_deref()) else {
+                let (Some(ns), Some(name)) = (
+                    pod.metadata.namespace.as_deref(),
+                    pod.metadata.name.as_deref(),
+                ) else {
                     continue;
                 };
                 if cache.apply_pod(ns, name, PodEntry::from_pod(&pod, &labels), now) {
@@ -67,7 +70,10 @@ async fn watch_pods(api: Api<Pod>, cache: Arc<Cache>, ledger: Arc<Ledger>) {
                 }
             }
             Ok(Event::Delete(pod)) => {
-                if let (Some(ns), Some(name)) = (pod.metadata.namespace.as_deref(), pod.metadata.name.as_deref()) {
+                if let (Some(ns), Some(name)) = (
+                    pod.metadata.namespace.as_deref(),
+                    pod.metadata.name.as_deref(),
+                ) {
                     cache.delete_pod(ns, name, now);
                 }
             }
@@ -100,10 +106,14 @@ async fn watch_namespaces(
     let mut events = std::pin::pin!(stream(api));
     let apply = |ns: Namespace, now| {
         let name = ns.name_any();
-        if let Some(problems) = cache.apply_namespace(&name, ns.metadata.annotations.as_ref(), now) {
+        if let Some(problems) = cache.apply_namespace(&name, ns.metadata.annotations.as_ref(), now)
+        {
             for p in &problems {
                 tracing::warn!(namespace = %name, annotation = p.annotation, value = %p.value, error = %p.error, "invalid namespace annotation; using the default");
-                metrics.policy_problems.with_label_values(&[p.annotation]).inc();
+                metrics
+                    .policy_problems
+                    .with_label_values(&[p.annotation])
+                    .inc();
             }
             // A full channel drops the Event, never the admission path: log and metric stand.
             if reports.try_send((ns, problems)).is_err() {
@@ -166,7 +176,10 @@ async fn publish_problems(client: Client, mut reports: mpsc::Receiver<ProblemRep
         let note: Vec<String> = problems.iter().map(ToString::to_string).collect();
         let mut note = note.join("; ");
         // Events cap their note at 1 kB; cut on a character boundary.
-        if let Some(cut) = (0..=1000.min(note.len())).rev().find(|&i| note.is_char_boundary(i)) {
+        if let Some(cut) = (0..=1000.min(note.len()))
+            .rev()
+            .find(|&i| note.is_char_boundary(i))
+        {
             note.truncate(cut);
         }
         let event = KubeEvent {

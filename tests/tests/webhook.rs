@@ -1,0 +1,508 @@
+//! The real bulwark HTTPS server, in process on 127.0.0.1, driven by a real TLS client over
+//! h2 and http/1.1.
+
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{Value, json};
+use support::*;
+
+const QUIET: &str = "defaults:\n  podRate: unlimited\n";
+
+fn response(reply: &Reply) -> Value {
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let v = reply.json();
+    assert_eq!(v["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(v["kind"], "AdmissionReview");
+    v["response"].clone()
+}
+
+fn expect_version(reply: &Reply, proto: Proto) {
+    let want = match proto {
+        Proto::H2 => http::Version::HTTP_2,
+        Proto::Http1 => http::Version::HTTP_11,
+    };
+    assert_eq!(reply.version, want);
+}
+
+#[tokio::test]
+async fn mutate_returns_a_patch_that_yields_a_valid_pod() {
+    let server = TestServer::start(
+        "defaults:\n  defaultRequests: cpu=100m,memory=128Mi\n  defaultLimits: cpu=1,memory=512Mi\n",
+    )
+    .await;
+    for proto in BOTH {
+        let client = server.client(proto);
+        let original = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "build-1", "namespace": "ci"},
+            "spec": {
+                "initContainers": [{"name": "fetch", "image": "git"}],
+                "containers": [
+                    {"name": "main", "image": "busybox"},
+                    {"name": "tiny", "image": "busybox", "resources": {"limits": {"cpu": "50m", "memory": "64Mi"}}}
+                ]
+            }
+        });
+        let reply = post(
+            &client,
+            &server.url("/mutate"),
+            &pod_review("uid-m", "ci", original.clone(), false),
+        )
+        .await;
+        expect_version(&reply, proto);
+        let resp = response(&reply);
+        assert_eq!(resp["uid"], "uid-m");
+        assert_eq!(resp["allowed"], true);
+        assert_eq!(resp["patchType"], "JSONPatch");
+        let patch_bytes: Vec<u8> =
+            serde_json::from_value(resp["patch"].clone()).expect("patch bytes");
+        let patch: json_patch::Patch =
+            serde_json::from_slice(&patch_bytes).expect("patch is a JSONPatch");
+        let mut doc = original;
+        json_patch::patch(&mut doc, &patch).expect("patch applies");
+        let pod: Pod = serde_json::from_value(doc).expect("patched pod is a valid Pod");
+        let spec = pod.spec.expect("spec");
+        let res = |c: &k8s_openapi::api::core::v1::Container, kind: &str, r: &str| {
+            let rr = c.resources.as_ref().expect("resources");
+            let m = if kind == "requests" {
+                &rr.requests
+            } else {
+                &rr.limits
+            };
+            m.as_ref().and_then(|m| m.get(r)).map(|q| q.0.clone())
+        };
+        let init = &spec.init_containers.as_ref().expect("init")[0];
+        assert_eq!(res(init, "requests", "cpu").as_deref(), Some("100m"));
+        assert_eq!(
+            res(&spec.containers[0], "limits", "memory").as_deref(),
+            Some("512Mi")
+        );
+        // An existing limit below the default request caps the defaulted request.
+        assert_eq!(
+            res(&spec.containers[1], "requests", "cpu").as_deref(),
+            Some("50m")
+        );
+        assert_eq!(
+            res(&spec.containers[1], "requests", "memory").as_deref(),
+            Some("64Mi")
+        );
+        let annotation = &pod.metadata.annotations.expect("annotations")["bulwark.io/defaulted"];
+        assert!(
+            annotation.contains("main: requests.cpu=100m"),
+            "{annotation}"
+        );
+        assert!(annotation.contains("init:fetch:"), "{annotation}");
+        let warnings = resp["warnings"].as_array().expect("warnings");
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.as_str().is_some_and(|w| w.contains("container \"main\"")))
+        );
+    }
+}
+
+#[tokio::test]
+async fn refusal_has_the_429_shape_and_an_actionable_message() {
+    let server = TestServer::start("defaults:\n  podRate: 1/m\n  podBurst: 2\n").await;
+    for (i, proto) in BOTH.into_iter().enumerate() {
+        let client = server.client(proto);
+        let ns = format!("ci-{i}");
+        for n in 0..2 {
+            let r = post(
+                &client,
+                &server.url("/validate"),
+                &pod_review("u", &ns, pod(&format!("p{n}"), &ns), false),
+            )
+            .await;
+            assert_eq!(response(&r)["allowed"], true, "within the burst");
+        }
+        let reply = post(
+            &client,
+            &server.url("/validate"),
+            &pod_review("uid-x", &ns, pod("p3", &ns), false),
+        )
+        .await;
+        expect_version(&reply, proto);
+        let resp = response(&reply);
+        assert_eq!(resp["uid"], "uid-x");
+        assert_eq!(resp["allowed"], false);
+        let status = &resp["status"];
+        assert_eq!(status["code"], 429);
+        assert_eq!(status["reason"], "TooManyRequests");
+        assert_eq!(status["status"], "Failure");
+        let retry = status["details"]["retryAfterSeconds"]
+            .as_u64()
+            .expect("retryAfterSeconds");
+        // 1/m with the burst used: the next slot is a minute away, clamped to 30s then jittered.
+        assert!((30..=45).contains(&retry), "{retry}");
+        let message = status["message"].as_str().expect("message");
+        assert_eq!(
+            message,
+            format!(
+                "namespace \"{ns}\" is creating pods faster than its limit of 1/m (burst 2); retry in {retry}s (annotation bulwark.io/pod-rate)"
+            )
+        );
+    }
+}
+
+#[tokio::test]
+async fn count_quotas_refuse_and_warn_mode_only_warns() {
+    let server = TestServer::start(&format!("{QUIET}  maxPods: 2\n")).await;
+    let client = server.client(Proto::H2);
+    for n in 0..2 {
+        let r = post(
+            &client,
+            &server.url("/validate"),
+            &pod_review("u", "ci", pod(&format!("p{n}"), "ci"), false),
+        )
+        .await;
+        assert_eq!(response(&r)["allowed"], true);
+    }
+    let resp = response(
+        &post(
+            &client,
+            &server.url("/validate"),
+            &pod_review("u", "ci", pod("p2", "ci"), false),
+        )
+        .await,
+    );
+    assert_eq!(resp["allowed"], false);
+    let msg = resp["status"]["message"].as_str().expect("message");
+    assert!(
+        msg.starts_with("namespace \"ci\" has 2 live pods, at its limit of 2; retry in "),
+        "{msg}"
+    );
+    assert!(msg.ends_with("(annotation bulwark.io/max-pods)"), "{msg}");
+
+    let warn = TestServer::start(&format!("{QUIET}  maxPods: 1\n  mode: warn\n")).await;
+    let client = warn.client(Proto::Http1);
+    for n in 0..3 {
+        let resp = response(
+            &post(
+                &client,
+                &warn.url("/validate"),
+                &pod_review("u", "ci", pod(&format!("p{n}"), "ci"), false),
+            )
+            .await,
+        );
+        assert_eq!(resp["allowed"], true, "warn mode never denies");
+        if n > 0 {
+            let w = resp["warnings"][0].as_str().expect("a warning");
+            assert!(
+                w.starts_with("bulwark (mode warn, not enforced): namespace \"ci\" has"),
+                "{w}"
+            );
+        } else {
+            assert!(resp.get("warnings").is_none());
+        }
+    }
+}
+
+#[tokio::test]
+async fn dry_run_consumes_nothing() {
+    let server = TestServer::start(&format!("{QUIET}  maxPods: 1\n")).await;
+    let client = server.client(Proto::H2);
+    let validate = |n: u32, dry: bool| {
+        let body = pod_review("u", "ci", pod(&format!("p{n}"), "ci"), dry);
+        let client = client.clone();
+        let url = server.url("/validate");
+        async move { response(&post(&client, &url, &body).await) }
+    };
+    for n in 0..5 {
+        assert_eq!(validate(n, true).await["allowed"], true, "dry-run {n}");
+    }
+    assert_eq!(
+        validate(10, false).await["allowed"],
+        true,
+        "the real create still fits"
+    );
+    let refused = validate(11, true).await;
+    assert_eq!(refused["allowed"], false, "dry-run shows the verdict");
+    assert_eq!(refused["status"]["code"], 429);
+}
+
+#[tokio::test]
+async fn exempt_namespaces_pods_and_other_kinds_pass() {
+    let server = TestServer::start(&format!("{QUIET}  maxPods: 0\n")).await;
+    let client = server.client(Proto::H2);
+    let url = server.url("/validate");
+    assert_eq!(
+        response(&post(&client, &url, &pod_review("u", "ci", pod("p", "ci"), false)).await)["allowed"],
+        false
+    );
+    assert_eq!(
+        response(
+            &post(
+                &client,
+                &url,
+                &pod_review("u", "kube-system", pod("p", "kube-system"), false)
+            )
+            .await
+        )["allowed"],
+        true
+    );
+    let mut critical = pod("c", "ci");
+    critical["spec"]["priorityClassName"] = json!("system-cluster-critical");
+    assert_eq!(
+        response(&post(&client, &url, &pod_review("u", "ci", critical, false)).await)["allowed"],
+        true
+    );
+
+    let mut cm = pod_review(
+        "u-cm",
+        "ci",
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}),
+        false,
+    );
+    cm["request"]["kind"]["kind"] = json!("ConfigMap");
+    let resp = response(&post(&client, &url, &cm).await);
+    assert_eq!(
+        (resp["allowed"].clone(), resp["uid"].clone()),
+        (json!(true), json!("u-cm"))
+    );
+    assert!(resp.get("patch").is_none());
+}
+
+#[tokio::test]
+async fn malformed_bodies_get_a_clear_400_and_the_server_stays_healthy() {
+    let server = TestServer::start(QUIET).await;
+    let big = {
+        let mut p = pod("big", "ci");
+        p["metadata"]["annotations"] = json!({"filler": "x".repeat(5 * 1024 * 1024)});
+        serde_json::to_vec(&pod_review("u", "ci", p, false)).expect("json")
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("not json", b"hello".to_vec(), "not valid JSON"),
+        (
+            "truncated",
+            br#"{"apiVersion":"admission.k8s.io/v1","kind":"Adm"#.to_vec(),
+            "not valid JSON",
+        ),
+        (
+            "wrong apiVersion",
+            br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview","request":null}"#
+                .to_vec(),
+            "expected apiVersion \"admission.k8s.io/v1\"",
+        ),
+        (
+            "no request",
+            br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#.to_vec(),
+            "has no request",
+        ),
+        ("5 MiB body", big, "larger than 3145728 bytes"),
+    ];
+    for proto in BOTH {
+        let client = server.client(proto);
+        for (name, body, expect) in &cases {
+            for endpoint in ["/mutate", "/validate"] {
+                let reply = send(&client, "POST", &server.url(endpoint), body.clone())
+                    .await
+                    .unwrap_or_else(|e| panic!("{name} {endpoint} {proto:?}: {e}"));
+                assert_eq!(
+                    reply.status,
+                    400,
+                    "{name} {endpoint} {proto:?}: {}",
+                    reply.text()
+                );
+                assert!(reply.text().contains(expect), "{name}: {}", reply.text());
+            }
+        }
+        let health = send(&client, "GET", &server.url("/healthz"), "")
+            .await
+            .expect("healthz");
+        assert_eq!((health.status, health.text().as_str()), (200, "ok\n"));
+        let ready = send(&client, "GET", &server.url("/readyz"), "")
+            .await
+            .expect("readyz");
+        assert_eq!(ready.status, 200);
+    }
+    let metrics = scrape(&server).await;
+    assert!(
+        metrics.contains("bulwark_bad_requests_total{endpoint=\"validate\",error=\"too_large\"} 2"),
+        "{metrics}"
+    );
+}
+
+async fn scrape(server: &TestServer) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server.metrics_addr)
+        .await
+        .expect("connect metrics");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    out
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_verdict_and_reason() {
+    let server = TestServer::start(&format!("{QUIET}  maxPods: 1\n")).await;
+    let client = server.client(Proto::H2);
+    for n in 0..3 {
+        post(
+            &client,
+            &server.url("/validate"),
+            &pod_review("u", "ci", pod(&format!("p{n}"), "ci"), false),
+        )
+        .await;
+    }
+    let m = scrape(&server).await;
+    for line in [
+        "bulwark_admission_requests_total{endpoint=\"validate\",reason=\"ok\",verdict=\"allowed\"} 1",
+        "bulwark_admission_requests_total{endpoint=\"validate\",reason=\"max_pods\",verdict=\"refused\"} 2",
+        "bulwark_refusals_total{mode=\"enforce\",reason=\"max_pods\"} 2",
+        "bulwark_admission_duration_seconds_count{endpoint=\"validate\"} 3",
+        "bulwark_reservations 1",
+    ] {
+        assert!(m.contains(line), "missing {line:?} in\n{m}");
+    }
+}
+
+#[tokio::test]
+async fn certificate_reload_during_traffic_drops_nothing() {
+    let server = TestServer::start(QUIET).await;
+    let staging = temp_dir("rotation");
+    let new_ca = write_certs(&staging);
+    let old_ca = server.ca_pem.clone();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU32::new(0));
+    let mut workers = Vec::new();
+    // Pooled h2 keeps its connection across the swap; unpooled http/1.1 handshakes anew on
+    // every request, so it meets both certificates.
+    for (proto, pooled) in [
+        (Proto::H2, true),
+        (Proto::Http1, false),
+        (Proto::Http1, false),
+    ] {
+        let client = client_trusting(&[&old_ca, &new_ca], proto, pooled);
+        let url = server.url("/mutate");
+        let (stop, ok) = (stop.clone(), ok.clone());
+        workers.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let body =
+                    serde_json::to_vec(&pod_review("u", "ci", pod(&format!("p{n}"), "ci"), false))
+                        .expect("json");
+                match send(&client, "POST", &url, body).await {
+                    Ok(r) if r.status == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => failures.push(format!("status {}: {}", r.status, r.text())),
+                    Err(e) => failures.push(e),
+                }
+            }
+            failures
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before_swap = ok.load(Ordering::Relaxed);
+    // Rotate: replace the served files with the new pair (written atomically, key first).
+    for f in ["tls.key", "tls.crt"] {
+        std::fs::copy(staging.join(f), server.dir.join(format!("{f}.next"))).expect("stage");
+        std::fs::rename(server.dir.join(format!("{f}.next")), server.dir.join(f)).expect("swap");
+    }
+    // A client that trusts only the new CA gets through once the reload has happened.
+    let only_new = client_trusting(&[&new_ca], Proto::Http1, false);
+    let mut switched = false;
+    for _ in 0..100 {
+        if send(&only_new, "GET", &server.url("/healthz"), "")
+            .await
+            .is_ok_and(|r| r.status == 200)
+        {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for w in workers {
+        failures.extend(w.await.expect("worker"));
+    }
+    let total = ok.load(Ordering::Relaxed);
+    assert!(switched, "the new certificate was never served");
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        before_swap > 10 && total > before_swap + 10,
+        "traffic flowed: {before_swap} then {total}"
+    );
+    // And the old CA alone no longer works for new connections.
+    let only_old = client_trusting(&[&old_ca], Proto::Http1, false);
+    assert!(
+        send(&only_old, "GET", &server.url("/healthz"), "")
+            .await
+            .is_err()
+    );
+    let m = scrape(&server).await;
+    assert!(
+        m.contains("bulwark_tls_reloads_total{result=\"ok\"} 1"),
+        "{m}"
+    );
+    let _ = std::fs::remove_dir_all(&staging);
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_drains() {
+    let mut server = TestServer::start(QUIET).await;
+    let client = server.client(Proto::H2);
+    let url = server.url("/mutate");
+    let body = serde_json::to_vec(&pod_review("u", "ci", pod("p", "ci"), false)).expect("json");
+    assert_eq!(
+        send(&client, "POST", &url, body.clone())
+            .await
+            .expect("before")
+            .status,
+        200
+    );
+    // Requests already in flight when shutdown starts all complete.
+    let inflight: Vec<_> = (0..20)
+        .map(|_| {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            tokio::spawn(async move { send(&client, "POST", &url, body).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    let running = server.running.take().expect("running");
+    tokio::time::timeout(Duration::from_secs(10), running.shutdown())
+        .await
+        .expect("drains in time");
+    let mut completed = 0;
+    for r in inflight {
+        if let Ok(Ok(reply)) = r.await {
+            assert_eq!(reply.status, 200);
+            completed += 1;
+        }
+    }
+    assert!(completed > 0, "in-flight requests finished");
+    let fresh = client_trusting(&[&server.ca_pem], Proto::Http1, false);
+    assert!(
+        send(&fresh, "GET", &server.url("/healthz"), "")
+            .await
+            .is_err(),
+        "no longer accepting"
+    );
+}
