@@ -198,7 +198,7 @@ impl Admitter {
             allow = with_warnings(allow, warnings);
             return (allow, outcome("warned", refusal.reason()));
         }
-        tracing::info!(
+        tracing::debug!(
             namespace = ns,
             reason = refusal.reason(),
             retry_after = retry,

@@ -51,12 +51,7 @@ impl Mutation {
             .take(MAX_WARNINGS)
             .map(|(name, items)| {
                 format!(
-                    "bulwark: container {name:?} had no {}; set {} (defaults of namespace {namespace:?})",
-                    items
-                        .iter()
-                        .map(|(k, _)| *k)
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    "bulwark: container {name:?}: set {} (defaults of namespace {namespace:?})",
                     join_items(items)
                 )
             })
@@ -330,7 +325,10 @@ mod tests {
             "app: requests.cpu=100m,requests.memory=128Mi,limits.cpu=1,limits.memory=512Mi"
         );
         assert_eq!(m.warnings("ci").len(), 1);
-        assert!(m.warnings("ci")[0].contains("container \"app\" had no requests.cpu"));
+        assert_eq!(
+            m.warnings("ci")[0],
+            "bulwark: container \"app\": set requests.cpu=100m,requests.memory=128Mi,limits.cpu=1,limits.memory=512Mi (defaults of namespace \"ci\")"
+        );
     }
 
     #[test]

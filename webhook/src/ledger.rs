@@ -4,7 +4,7 @@
 //! compare-and-swap for the same reason across namespaces.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -35,6 +35,35 @@ struct Reservation {
 struct NamespaceLedger {
     tat: Nanos,
     reservations: VecDeque<Reservation>,
+    /// Counters over `reservations`, so a decision does not scan them.
+    pending: u32,
+    workflows: HashMap<Arc<str>, u32>,
+}
+
+impl NamespaceLedger {
+    fn push(&mut self, r: Reservation) {
+        if r.pending {
+            self.pending += 1;
+        }
+        if let Some(w) = &r.workflow {
+            *self.workflows.entry(w.clone()).or_insert(0) += 1;
+        }
+        self.reservations.push_back(r);
+    }
+
+    fn forget(&mut self, r: &Reservation) {
+        if r.pending {
+            self.pending = self.pending.saturating_sub(1);
+        }
+        if let Some(w) = &r.workflow
+            && let Some(n) = self.workflows.get_mut(w)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.workflows.remove(w);
+            }
+        }
+    }
 }
 
 /// How an admission that passes is recorded.
@@ -94,6 +123,7 @@ impl Ledger {
         // Reservations are appended in time order with one TTL, so expired ones are in front.
         while ns.reservations.front().is_some_and(|r| r.expires <= now) {
             if let Some(r) = ns.reservations.pop_front() {
+                ns.forget(&r);
                 self.release(&r);
             }
         }
@@ -117,13 +147,8 @@ impl Ledger {
 
         let counts = view.pod_counts(namespace, ask.workflow, now);
         let reserved = u32::try_from(ns.reservations.len()).unwrap_or(u32::MAX);
-        let reserved_pending =
-            u32::try_from(ns.reservations.iter().filter(|r| r.pending).count()).unwrap_or(u32::MAX);
-        let workflow_reserved = ask.workflow.is_some_and(|w| {
-            ns.reservations
-                .iter()
-                .any(|r| r.workflow.as_deref() == Some(w))
-        });
+        let reserved_pending = ns.pending;
+        let workflow_reserved = ask.workflow.is_some_and(|w| ns.workflows.contains_key(w));
         let cluster_cap = quota::cluster_cap(&limits.cluster, view.schedulable_nodes());
         let cluster_drain_rate = view.cluster_drain_rate(now);
         let snap = Snapshot {
@@ -202,10 +227,16 @@ impl Ledger {
     }
 
     fn reserve(&self, ns: &mut NamespaceLedger, name: Option<&str>, ask: &Ask<'_>, now: Instant) {
-        ns.reservations.push_back(Reservation {
+        // Share the workflow string with the namespace's other reservations of it.
+        let workflow = ask.workflow.map(|w| {
+            ns.workflows
+                .get_key_value(w)
+                .map_or_else(|| Arc::from(w), |(k, _)| k.clone())
+        });
+        ns.push(Reservation {
             expires: now + self.ttl,
             name: name.filter(|n| !n.is_empty()).map(Box::from),
-            workflow: ask.workflow.map(Arc::from),
+            workflow,
             pending: !ask.pending_exempt,
         });
         self.reserved.fetch_add(1, Ordering::AcqRel);
@@ -224,6 +255,7 @@ impl Ledger {
             .position(|r| r.name.as_deref() == Some(name))
             .or_else(|| ns.reservations.iter().position(|r| r.name.is_none()));
         if let Some(r) = pos.and_then(|p| ns.reservations.remove(p)) {
+            ns.forget(&r);
             self.release(&r);
         }
     }
@@ -256,13 +288,54 @@ mod tests {
 
     const TTL: Duration = Duration::from_secs(30);
 
-    fn limits(max_pending: Option<u32>) -> Limits {
-        Limits {
-            cluster: ClusterLimits {
-                max_pending_pods: max_pending,
-                pending_per_healthy_node: None,
-            },
-            workflow_reserved_percent: 20,
+    /// A cache, a ledger and the cluster limits, at a fixed start time.
+    struct Fixture {
+        t: Instant,
+        cache: Cache,
+        ledger: Ledger,
+        limits: Limits,
+    }
+
+    impl Fixture {
+        fn new(cluster_max_pending: Option<u32>) -> Self {
+            let t = Instant::now();
+            Fixture {
+                t,
+                cache: Cache::new(Policy::default(), vec![]),
+                ledger: Ledger::new(TTL, t),
+                limits: Limits {
+                    cluster: ClusterLimits {
+                        max_pending_pods: cluster_max_pending,
+                        pending_per_healthy_node: None,
+                    },
+                    workflow_reserved_percent: 20,
+                },
+            }
+        }
+
+        fn admit_as(
+            &self,
+            name: Option<&str>,
+            p: &Policy,
+            ask: Ask<'_>,
+            commit: Commit,
+            at: Instant,
+        ) -> Result<(), Refusal> {
+            self.ledger
+                .admit(&self.cache, "ci", name, p, ask, &self.limits, commit, at)
+        }
+
+        /// An unnamed pod outside workflows in namespace "ci", at the start time.
+        fn admit(&self, p: &Policy, commit: Commit) -> Result<(), Refusal> {
+            self.admit_as(None, p, Ask::default(), commit, self.t)
+        }
+
+        fn workflow(&self, p: &Policy, workflow: &'static str) -> Result<(), Refusal> {
+            let ask = Ask {
+                pending_exempt: false,
+                workflow: Some(workflow),
+            };
+            self.admit_as(None, p, ask, Commit::Enforce, self.t)
         }
     }
 
@@ -272,6 +345,14 @@ mod tests {
             max_pods,
             max_pending_pods: max_pending,
             ..Policy::default()
+        }
+    }
+
+    fn rated(rate: &str, burst: u32) -> Policy {
+        Policy {
+            rate: parse_rate(rate).unwrap(),
+            burst,
+            ..counts_only(None, None)
         }
     }
 
@@ -285,160 +366,65 @@ mod tests {
 
     #[test]
     fn reservations_count_until_the_watch_shows_the_pod() {
-        let t = Instant::now();
-        let cache = Cache::new(Policy::default(), vec![]);
-        let ledger = Ledger::new(TTL, t);
+        let f = Fixture::new(None);
         let p = counts_only(Some(2), None);
-        let l = limits(None);
-        let admit = |name: &str| {
-            ledger.admit(
-                &cache,
-                "ci",
-                Some(name),
-                &p,
-                Ask::default(),
-                &l,
-                Commit::Enforce,
-                t,
-            )
-        };
+        let admit = |name: &str| f.admit_as(Some(name), &p, Ask::default(), Commit::Enforce, f.t);
         assert!(admit("a").is_ok());
         assert!(admit("b").is_ok());
         assert_eq!(admit("c").unwrap_err().reason(), "max_pods");
-        assert_eq!(ledger.reserved(), 2);
+        assert_eq!(f.ledger.reserved(), 2);
 
         // The watch shows "a": the cache counts it, the reservation goes; still full.
-        cache.apply_pod("ci", "a", pending(None), t);
-        ledger.observe_created("ci", "a");
-        assert_eq!(ledger.reserved(), 1);
+        f.cache.apply_pod("ci", "a", pending(None), f.t);
+        f.ledger.observe_created("ci", "a");
+        assert_eq!(f.ledger.reserved(), 1);
         assert!(admit("c").is_err());
         // "a" is deleted: a slot opens.
-        cache.delete_pod("ci", "a", t);
+        f.cache.delete_pod("ci", "a", f.t);
         assert!(admit("c").is_ok());
     }
 
     #[test]
     fn reservations_expire_after_ttl() {
-        let t = Instant::now();
-        let cache = Cache::new(Policy::default(), vec![]);
-        let ledger = Ledger::new(TTL, t);
+        let f = Fixture::new(None);
         let p = counts_only(None, Some(1));
-        let l = limits(None);
-        let admit = |at: Instant| {
-            ledger.admit(
-                &cache,
-                "ci",
-                None,
-                &p,
-                Ask::default(),
-                &l,
-                Commit::Enforce,
-                at,
-            )
-        };
-        assert!(admit(t).is_ok());
-        assert_eq!(
-            admit(t + TTL - Duration::from_millis(1))
-                .unwrap_err()
-                .reason(),
-            "max_pending"
-        );
+        let admit = |at: Instant| f.admit_as(None, &p, Ask::default(), Commit::Enforce, at);
+        assert!(admit(f.t).is_ok());
+        let r = admit(f.t + TTL - Duration::from_millis(1));
+        assert_eq!(r.unwrap_err().reason(), "max_pending");
         // The pod never showed up (another webhook refused it): the slot comes back.
-        assert!(admit(t + TTL).is_ok());
-        ledger.sweep(t + 3 * TTL);
-        assert_eq!(ledger.reserved(), 0);
+        assert!(admit(f.t + TTL).is_ok());
+        f.ledger.sweep(f.t + 3 * TTL);
+        assert_eq!(f.ledger.reserved(), 0);
     }
 
     #[test]
     fn generate_name_pods_match_the_oldest_nameless_reservation() {
-        let t = Instant::now();
-        let cache = Cache::new(Policy::default(), vec![]);
-        let ledger = Ledger::new(TTL, t);
+        let f = Fixture::new(None);
         let p = counts_only(None, None);
-        let l = limits(None);
-        ledger
-            .admit(
-                &cache,
-                "ci",
-                None,
-                &p,
-                Ask::default(),
-                &l,
-                Commit::Enforce,
-                t,
-            )
+        f.admit(&p, Commit::Enforce).unwrap();
+        f.admit_as(Some("named"), &p, Ask::default(), Commit::Enforce, f.t)
             .unwrap();
-        ledger
-            .admit(
-                &cache,
-                "ci",
-                Some("named"),
-                &p,
-                Ask::default(),
-                &l,
-                Commit::Enforce,
-                t,
-            )
-            .unwrap();
-        ledger.observe_created("ci", "job-x7k2p");
-        ledger.observe_created("ci", "unrelated-pod");
-        assert_eq!(ledger.reserved(), 1, "the named reservation stays");
-        ledger.observe_created("ci", "named");
-        assert_eq!(ledger.reserved(), 0);
+        f.ledger.observe_created("ci", "job-x7k2p");
+        f.ledger.observe_created("ci", "unrelated-pod");
+        assert_eq!(f.ledger.reserved(), 1, "the named reservation stays");
+        f.ledger.observe_created("ci", "named");
+        assert_eq!(f.ledger.reserved(), 0);
     }
 
     #[test]
     fn dry_run_consumes_nothing() {
-        let t = Instant::now();
-        let cache = Cache::new(Policy::default(), vec![]);
-        let ledger = Ledger::new(TTL, t);
+        let f = Fixture::new(None);
         let p = Policy {
-            rate: parse_rate("1/m").unwrap(),
-            burst: 1,
-            ..counts_only(Some(1), None)
+            max_pods: Some(1),
+            ..rated("1/m", 1)
         };
-        let l = limits(None);
         for _ in 0..5 {
-            assert!(
-                ledger
-                    .admit(
-                        &cache,
-                        "ci",
-                        None,
-                        &p,
-                        Ask::default(),
-                        &l,
-                        Commit::DryRun,
-                        t
-                    )
-                    .is_ok()
-            );
+            assert!(f.admit(&p, Commit::DryRun).is_ok());
         }
-        assert_eq!(ledger.reserved(), 0);
-        assert!(
-            ledger
-                .admit(
-                    &cache,
-                    "ci",
-                    None,
-                    &p,
-                    Ask::default(),
-                    &l,
-                    Commit::Enforce,
-                    t
-                )
-                .is_ok()
-        );
-        let r = ledger.admit(
-            &cache,
-            "ci",
-            None,
-            &p,
-            Ask::default(),
-            &l,
-            Commit::DryRun,
-            t,
-        );
+        assert_eq!(f.ledger.reserved(), 0);
+        assert!(f.admit(&p, Commit::Enforce).is_ok());
+        let r = f.admit(&p, Commit::DryRun);
         assert_eq!(
             r.unwrap_err().reason(),
             "max_pods",
@@ -448,121 +434,67 @@ mod tests {
 
     #[test]
     fn warn_mode_counts_the_pod_but_not_the_rate() {
-        let t = Instant::now();
-        let cache = Cache::new(Policy::default(), vec![]);
-        let ledger = Ledger::new(TTL, t);
-        let p = Policy {
-            rate: parse_rate("1/s").unwrap(),
-            burst: 1,
-            ..counts_only(None, None)
-        };
-        let l = limits(None);
-        assert!(
-            ledger
-                .admit(&cache, "ci", None, &p, Ask::default(), &l, Commit::Warn, t)
-                .is_ok()
-        );
-        let r = ledger.admit(&cache, "ci", None, &p, Ask::default(), &l, Commit::Warn, t);
-        assert_eq!(r.unwrap_err().reason(), "rate");
-        assert_eq!(ledger.reserved(), 2, "the warned pod is still counted");
+        let f = Fixture::new(None);
+        let p = rated("1/s", 1);
+        assert!(f.admit(&p, Commit::Warn).is_ok());
+        assert_eq!(f.admit(&p, Commit::Warn).unwrap_err().reason(), "rate");
+        assert_eq!(f.ledger.reserved(), 2, "the warned pod is still counted");
         // The rate state did not run ahead: one second later one creation fits again.
-        let later = t + Duration::from_secs(1);
+        let later = f.t + Duration::from_secs(1);
         assert!(
-            ledger
-                .admit(
-                    &cache,
-                    "ci",
-                    None,
-                    &p,
-                    Ask::default(),
-                    &l,
-                    Commit::Enforce,
-                    later
-                )
+            f.admit_as(None, &p, Ask::default(), Commit::Enforce, later)
                 .is_ok()
         );
     }
 
     #[test]
     fn workflow_with_a_reservation_counts_as_started() {
-        let t = Instant::now();
-        let cache = Cache::new(Policy::default(), vec![]);
-        let ledger = Ledger::new(TTL, t);
+        let f = Fixture::new(None);
         let p = counts_only(None, Some(5)); // 1 slot kept for started workflows
-        let l = limits(None);
-        let wf = |w: &'static str| Ask {
-            pending_exempt: false,
-            workflow: Some(w),
-        };
         for _ in 0..4 {
-            ledger
-                .admit(&cache, "ci", None, &p, wf("a"), &l, Commit::Enforce, t)
-                .unwrap();
+            f.workflow(&p, "a").unwrap();
         }
-        assert_eq!(
-            ledger
-                .admit(&cache, "ci", None, &p, wf("b"), &l, Commit::Enforce, t)
-                .unwrap_err()
-                .reason(),
-            "workflow_share"
-        );
-        assert!(
-            ledger
-                .admit(&cache, "ci", None, &p, wf("a"), &l, Commit::Enforce, t)
-                .is_ok()
-        );
+        assert_eq!(f.workflow(&p, "b").unwrap_err().reason(), "workflow_share");
+        assert!(f.workflow(&p, "a").is_ok());
         // A workflow whose pods the watch shows is started too.
-        cache.apply_pod("ci", "c-1", pending(Some("c")), t);
+        f.cache.apply_pod("ci", "c-1", pending(Some("c")), f.t);
         let p10 = counts_only(None, Some(10));
         for _ in 0..3 {
-            ledger
-                .admit(&cache, "ci", None, &p10, wf("a"), &l, Commit::Enforce, t)
-                .unwrap();
+            f.workflow(&p10, "a").unwrap();
         }
         // 9 pending of 10, 2 kept: "c" may, a new "d" may not.
-        assert!(
-            ledger
-                .admit(&cache, "ci", None, &p10, wf("c"), &l, Commit::Enforce, t)
-                .is_ok()
-        );
-        assert!(
-            ledger
-                .admit(&cache, "ci", None, &p10, wf("d"), &l, Commit::Enforce, t)
-                .is_err()
-        );
+        assert!(f.workflow(&p10, "c").is_ok());
+        assert!(f.workflow(&p10, "d").is_err());
     }
 
     #[test]
     fn concurrent_admissions_never_overshoot_namespace_or_cluster_caps() {
-        let t = Instant::now();
-        let cache = Arc::new(Cache::new(Policy::default(), vec![]));
-        let ledger = Arc::new(Ledger::new(TTL, t));
+        let f = Arc::new(Fixture::new(Some(120)));
         let p = counts_only(Some(50), None);
-        let l = limits(Some(120));
         let threads = 8;
         let barrier = Arc::new(Barrier::new(threads));
         let handles: Vec<_> = (0..threads)
             .map(|i| {
-                let (cache, ledger, barrier, p) =
-                    (cache.clone(), ledger.clone(), barrier.clone(), p.clone());
+                let (f, barrier, p) = (f.clone(), barrier.clone(), p.clone());
                 std::thread::spawn(move || {
                     barrier.wait();
                     let mut ok = [0u32; 4];
                     for n in 0..100 {
                         // Four namespaces hammered from every thread at once.
-                        let ns = ["a", "b", "c", "d"][(i + n) % 4];
-                        let r = ledger.admit(
-                            &*cache,
+                        let k = (i + n) % 4;
+                        let ns = ["a", "b", "c", "d"][k];
+                        let r = f.ledger.admit(
+                            &f.cache,
                             ns,
                             None,
                             &p,
                             Ask::default(),
-                            &l,
+                            &f.limits,
                             Commit::Enforce,
-                            t,
+                            f.t,
                         );
                         if r.is_ok() {
-                            ok[(i + n) % 4] += 1;
+                            ok[k] += 1;
                         }
                     }
                     ok
@@ -581,60 +513,28 @@ mod tests {
             120,
             "{per_ns:?}: the cluster cap is exact"
         );
-        assert_eq!(ledger.reserved(), 120);
+        assert_eq!(f.ledger.reserved(), 120);
     }
 
     #[test]
     fn rate_limits_per_namespace() {
-        let t = Instant::now();
-        let cache = Cache::new(Policy::default(), vec![]);
-        let ledger = Ledger::new(TTL, t);
-        let p = Policy {
-            rate: parse_rate("5/s").unwrap(),
-            burst: 3,
-            ..counts_only(None, None)
-        };
-        let l = limits(None);
+        let f = Fixture::new(None);
+        let p = rated("5/s", 3);
         for _ in 0..3 {
-            ledger
-                .admit(
-                    &cache,
-                    "a",
-                    None,
-                    &p,
-                    Ask::default(),
-                    &l,
-                    Commit::Enforce,
-                    t,
-                )
-                .unwrap();
+            f.admit(&p, Commit::Enforce).unwrap();
         }
-        let r = ledger
-            .admit(
-                &cache,
-                "a",
-                None,
-                &p,
-                Ask::default(),
-                &l,
-                Commit::Enforce,
-                t,
-            )
-            .unwrap_err();
+        let r = f.admit(&p, Commit::Enforce).unwrap_err();
         assert_eq!(r.expected_wait(), Duration::from_millis(200));
-        assert!(
-            ledger
-                .admit(
-                    &cache,
-                    "b",
-                    None,
-                    &p,
-                    Ask::default(),
-                    &l,
-                    Commit::Enforce,
-                    t
-                )
-                .is_ok()
+        let other = f.ledger.admit(
+            &f.cache,
+            "b",
+            None,
+            &p,
+            Ask::default(),
+            &f.limits,
+            Commit::Enforce,
+            f.t,
         );
+        assert!(other.is_ok());
     }
 }
