@@ -4,7 +4,8 @@
 
 use std::{sync::Arc, time::Instant};
 
-use kube::core::admission::AdmissionResponse;
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse};
 
 use crate::{
     admission::{Review, too_many_requests},
@@ -27,6 +28,14 @@ pub struct Outcome {
 
 const fn outcome(verdict: &'static str, reason: &'static str) -> Outcome {
     Outcome { verdict, reason }
+}
+
+/// A pod CREATE that bulwark decides.
+struct Subject<'r> {
+    req: &'r AdmissionRequest<Pod>,
+    pod: &'r Pod,
+    ns: &'r str,
+    info: Arc<NamespaceInfo>,
 }
 
 pub struct Admitter {
@@ -62,11 +71,8 @@ impl Admitter {
         }
     }
 
-    /// The namespace of a pod CREATE bulwark decides, or why it does not.
-    fn namespace_of<'r>(
-        &self,
-        review: &'r Review,
-    ) -> Result<(&'r str, Arc<NamespaceInfo>), Outcome> {
+    /// The pod CREATE bulwark decides and its namespace's policy, or why it does not decide.
+    fn subject<'r>(&self, review: &'r Review) -> Result<Subject<'r>, Outcome> {
         let Some((req, pod)) = review.pod_create() else {
             return Err(outcome("allowed", "not_pod_create"));
         };
@@ -82,22 +88,19 @@ impl Admitter {
             .view
             .namespace(ns)
             .unwrap_or_else(|| self.default_namespace.clone());
-        Ok((ns, info))
+        Ok(Subject { req, pod, ns, info })
     }
 
     /// `POST /mutate`: default requests and limits.
     pub fn mutate(&self, review: &Review) -> (AdmissionResponse, Outcome) {
         let allow = review.allow();
-        let (ns, info) = match self.namespace_of(review) {
+        let Subject { pod, ns, info, .. } = match self.subject(review) {
             Ok(found) => found,
             Err(o) => return (allow, o),
         };
         if info.policy.mode == Mode::Off {
             return (allow, outcome("allowed", "mode_off"));
         }
-        let Some((_, pod)) = review.pod_create() else {
-            return (allow, outcome("allowed", "not_pod_create"));
-        };
         let m = defaults::mutate(
             pod,
             &info.policy.default_requests,
@@ -124,7 +127,7 @@ impl Admitter {
     /// `POST /validate`: rate and count quotas.
     pub fn validate(&self, review: &Review, now: Instant) -> (AdmissionResponse, Outcome) {
         let mut allow = review.allow();
-        let (ns, info) = match self.namespace_of(review) {
+        let Subject { req, pod, ns, info } = match self.subject(review) {
             Ok(found) => found,
             Err(o) => return (allow, o),
         };
@@ -146,9 +149,6 @@ impl Admitter {
                 outcome("allowed", "mode_off"),
             );
         }
-        let Some((req, pod)) = review.pod_create() else {
-            return (allow, outcome("allowed", "not_pod_create"));
-        };
         let facts = PodFacts::of(pod, &self.config.workflow_labels);
         if let Some(why) = facts.exempt {
             tracing::debug!(namespace = ns, why, "exempt pod");
