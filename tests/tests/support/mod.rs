@@ -113,9 +113,11 @@ pub enum Proto {
 
 pub const BOTH: [Proto; 2] = [Proto::H2, Proto::Http1];
 
-/// An HTTPS client that trusts only the given CAs; `pooled: false` opens a connection (and a
-/// TLS handshake) per request.
-pub fn client_trusting(cas: &[&str], proto: Proto, pooled: bool) -> HttpsClient {
+/// A TLS connector that trusts only the given CAs and offers only `proto` in ALPN.
+pub fn connector(
+    cas: &[&str],
+    proto: Proto,
+) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
     let mut roots = rustls::RootCertStore::empty();
     for ca in cas {
         for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
@@ -132,16 +134,21 @@ pub fn client_trusting(cas: &[&str], proto: Proto, pooled: bool) -> HttpsClient 
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only();
-    let connector = match proto {
+    match proto {
         Proto::H2 => builder.enable_http2().build(),
         Proto::Http1 => builder.enable_http1().build(),
-    };
+    }
+}
+
+/// An HTTPS client that trusts only the given CAs; `pooled: false` opens a connection (and a
+/// TLS handshake) per request.
+pub fn client_trusting(cas: &[&str], proto: Proto, pooled: bool) -> HttpsClient {
     let mut client = Client::builder(TokioExecutor::new());
     client.http2_only(proto == Proto::H2);
     if !pooled {
         client.pool_max_idle_per_host(0);
     }
-    client.build(connector)
+    client.build(connector(cas, proto))
 }
 
 pub struct Reply {
