@@ -330,6 +330,21 @@ mod tests {
             self.admit_as(None, p, Ask::default(), commit, self.t)
         }
 
+        /// An unnamed pod outside workflows in `namespace`, enforced, at the start time.
+        fn enforce_in(&self, namespace: &str, p: &Policy) -> Result<(), Refusal> {
+            let (ask, commit) = (Ask::default(), Commit::Enforce);
+            self.ledger.admit(
+                &self.cache,
+                namespace,
+                None,
+                p,
+                ask,
+                &self.limits,
+                commit,
+                self.t,
+            )
+        }
+
         fn workflow(&self, p: &Policy, workflow: &'static str) -> Result<(), Refusal> {
             let ask = Ask {
                 pending_exempt: false,
@@ -483,17 +498,7 @@ mod tests {
                         // Four namespaces hammered from every thread at once.
                         let k = (i + n) % 4;
                         let ns = ["a", "b", "c", "d"][k];
-                        let r = f.ledger.admit(
-                            &f.cache,
-                            ns,
-                            None,
-                            &p,
-                            Ask::default(),
-                            &f.limits,
-                            Commit::Enforce,
-                            f.t,
-                        );
-                        if r.is_ok() {
+                        if f.enforce_in(ns, &p).is_ok() {
                             ok[k] += 1;
                         }
                     }
@@ -525,16 +530,6 @@ mod tests {
         }
         let r = f.admit(&p, Commit::Enforce).unwrap_err();
         assert_eq!(r.expected_wait(), Duration::from_millis(200));
-        let other = f.ledger.admit(
-            &f.cache,
-            "b",
-            None,
-            &p,
-            Ask::default(),
-            &f.limits,
-            Commit::Enforce,
-            f.t,
-        );
-        assert!(other.is_ok());
+        assert!(f.enforce_in("b", &p).is_ok());
     }
 }
