@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds the pinned control plane for end-to-end tests from published Go modules with the
+# ordinary `go` tool, once per version, into ~/.cache/bulwark/bin (override: BULWARK_CACHE):
+#   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl  (e2e/controlplane: a
+#     wrapper module pinning every k8s.io staging module to the release's v0.X.Y)
+#   etcd  (e2e/etcd: etcdmain from go.etcd.io/etcd/server/v3, its sibling modules pinned)
+#   kwok  (go install of sigs.k8s.io/kwok/cmd/kwok)
+# Prints the directory holding the binaries.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+cache=${BULWARK_CACHE:-$HOME/.cache/bulwark}
+k8s=$(sed -n 's/^require k8s.io\/kubernetes //p' "$here/controlplane/go.mod")
+etcd=$(sed -n 's/^require go.etcd.io\/etcd\/server\/v3 //p' "$here/etcd/go.mod")
+kwok=v0.7.0
+bin="$cache/bin"
+mkdir -p "$bin"
+
+stamp() { [ -x "$bin/$1" ] && [ "$(cat "$bin/$1.version" 2>/dev/null)" = "$2" ]; }
+mark() { echo "$2" >"$bin/$1.version"; }
+
+cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+missing=()
+for c in "${cmds[@]}"; do stamp "$c" "$k8s" || missing+=("k8s.io/kubernetes/cmd/$c"); done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "building Kubernetes $k8s: ${missing[*]##*/}" >&2
+  # Stamp the release version as Kubernetes' own build does (hack/lib/version.sh), so
+  # /version, kubectl and version-skew checks see v1.X.Y rather than v0.0.0-master.
+  minor=${k8s#v1.}; minor=${minor%%.*}
+  ldflags="-s -w"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$k8s -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+  done
+  (cd "$here/controlplane" && go build -trimpath -ldflags="$ldflags" -o "$bin/" "${missing[@]}")
+  for c in "${cmds[@]}"; do mark "$c" "$k8s"; done
+fi
+if ! stamp etcd "$etcd"; then
+  echo "building etcd $etcd" >&2
+  (cd "$here/etcd" && go build -trimpath -ldflags='-s -w' -o "$bin/etcd" .)
+  mark etcd "$etcd"
+fi
+if ! stamp kwok "$kwok"; then
+  echo "building kwok $kwok" >&2
+  GOBIN="$bin" go install "sigs.k8s.io/kwok/cmd/kwok@$kwok"
+  mark kwok "$kwok"
+fi
+echo "$bin"
