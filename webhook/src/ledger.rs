@@ -179,8 +179,7 @@ impl Ledger {
             (Err(refusal), Commit::DryRun | Commit::Enforce) => return Err(refusal),
             (Err(refusal), Commit::Warn) => {
                 // The pod will exist: count it, but take nothing from the rate.
-                self.reserve(&mut ns, name, &ask, now);
-                self.reserved_pending_force(&ask);
+                self.reserve_regardless(&mut ns, name, &ask, now);
                 return Err(refusal);
             }
             (Ok(new_tat), Commit::Enforce | Commit::Warn) => new_tat,
@@ -196,8 +195,7 @@ impl Ledger {
                     if pending >= cap.limit {
                         let refusal = quota::cluster_refusal(pending, cap, cluster_drain_rate);
                         if commit == Commit::Warn {
-                            self.reserve(&mut ns, name, &ask, now);
-                            self.reserved_pending_force(&ask);
+                            self.reserve_regardless(&mut ns, name, &ask, now);
                         }
                         return Err(refusal);
                     }
@@ -220,12 +218,22 @@ impl Ledger {
         Ok(())
     }
 
-    fn reserved_pending_force(&self, ask: &Ask<'_>) {
+    /// Records a pod that will be created although it was refused (mode warn): it counts
+    /// against every cap, the cluster's included, without the cluster cap's check.
+    fn reserve_regardless(
+        &self,
+        ns: &mut NamespaceLedger,
+        name: Option<&str>,
+        ask: &Ask<'_>,
+        now: Instant,
+    ) {
         if !ask.pending_exempt {
             self.reserved_pending.fetch_add(1, Ordering::AcqRel);
         }
+        self.reserve(ns, name, ask, now);
     }
 
+    /// Records an admitted pod. The caller has already taken its cluster pending slot.
     fn reserve(&self, ns: &mut NamespaceLedger, name: Option<&str>, ask: &Ask<'_>, now: Instant) {
         // Share the workflow string with the namespace's other reservations of it.
         let workflow = ask.workflow.map(|w| {
