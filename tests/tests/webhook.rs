@@ -477,10 +477,7 @@ async fn shutdown_drains_in_flight_requests_and_stops_accepting() {
 async fn drain_one(proto: Proto) {
     use http_body_util::{BodyExt, channel::Channel};
     let mut server = TestServer::start(QUIET).await;
-    let client: hyper_util::client::legacy::Client<_, Channel<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(proto == Proto::H2)
-            .build(connector(&[&server.ca_pem], proto));
+    let client = client_with_body::<Channel<bytes::Bytes>>(&[&server.ca_pem], proto, true);
     let body =
         serde_json::to_vec(&pod_review("u-drain", "ci", pod("p", "ci"), false)).expect("json");
     let (first, rest) = body.split_at(body.len() / 2);

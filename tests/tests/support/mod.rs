@@ -143,6 +143,20 @@ pub fn connector(
 /// An HTTPS client that trusts only the given CAs; `pooled: false` opens a connection (and a
 /// TLS handshake) per request.
 pub fn client_trusting(cas: &[&str], proto: Proto, pooled: bool) -> HttpsClient {
+    client_with_body(cas, proto, pooled)
+}
+
+/// [`client_trusting`] for any request body type (e.g. one streamed in parts).
+pub fn client_with_body<B>(
+    cas: &[&str],
+    proto: Proto,
+    pooled: bool,
+) -> Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, B>
+where
+    B: hyper::body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut client = Client::builder(TokioExecutor::new());
     client.http2_only(proto == Proto::H2);
     if !pooled {
