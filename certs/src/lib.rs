@@ -67,63 +67,146 @@ fn validity(params: &mut CertificateParams, days: u32) {
     params.not_after = now + Duration::days(i64::from(days));
 }
 
+/// A certificate authority that signs serving and client certificates.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    days: u32,
+}
+
+/// A certificate and its private key, PEM encoded.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+fn check_days(days: u32) -> Result<(), CertError> {
+    if (1..=3650).contains(&days) {
+        Ok(())
+    } else {
+        Err(CertError::Days(days))
+    }
+}
+
+fn leaf_params(common_name: &str, days: u32) -> Result<CertificateParams, CertError> {
+    let mut leaf = CertificateParams::new(Vec::<String>::new())?;
+    leaf.distinguished_name = DistinguishedName::new();
+    leaf.distinguished_name
+        .push(DnType::CommonName, common_name.to_owned());
+    leaf.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    leaf.use_authority_key_identifier_extension = true;
+    validity(&mut leaf, days);
+    Ok(leaf)
+}
+
+impl Ca {
+    /// A fresh self-signed CA; what it signs is valid for as many days as the CA itself.
+    pub fn new(common_name: &str, days: u32) -> Result<Ca, CertError> {
+        check_days(days)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name.to_owned());
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        validity(&mut params, days);
+        let cert = params.self_signed(&key)?;
+        Ok(Ca {
+            issuer: Issuer::new(params, key),
+            cert_pem: cert.pem(),
+            days,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// A serving certificate for the DNS names and IPs; the first name is its common name.
+    pub fn server(&self, dns_names: &[String], ips: &[IpAddr]) -> Result<Pair, CertError> {
+        if dns_names.is_empty() && ips.is_empty() {
+            return Err(CertError::NoNames);
+        }
+        let cn = dns_names
+            .first()
+            .cloned()
+            .or_else(|| ips.first().map(ToString::to_string))
+            .unwrap_or_default();
+        let mut leaf = leaf_params(&cn, self.days)?;
+        for name in dns_names {
+            let ia5 = name
+                .clone()
+                .try_into()
+                .map_err(|_| CertError::DnsName(name.clone()))?;
+            leaf.subject_alt_names.push(SanType::DnsName(ia5));
+        }
+        for ip in ips {
+            leaf.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(leaf)
+    }
+
+    /// A client certificate; Kubernetes reads the common name as the user and each
+    /// organization as a group.
+    pub fn client(&self, common_name: &str, organizations: &[&str]) -> Result<Pair, CertError> {
+        let mut leaf = leaf_params(common_name, self.days)?;
+        for org in organizations {
+            leaf.distinguished_name
+                .push(DnType::OrganizationName, (*org).to_owned());
+        }
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(leaf)
+    }
+
+    fn sign(&self, params: CertificateParams) -> Result<Pair, CertError> {
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Pair {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// A signing key (ECDSA P-256) without a certificate, e.g. for service account tokens.
+#[derive(Debug, Clone)]
+pub struct SigningKey {
+    /// PKCS#8 `PRIVATE KEY`.
+    pub private_pem: String,
+    /// SubjectPublicKeyInfo `PUBLIC KEY`.
+    pub public_pem: String,
+}
+
+pub fn signing_key() -> Result<SigningKey, CertError> {
+    let key = KeyPair::generate()?;
+    Ok(SigningKey {
+        private_pem: key.serialize_pem(),
+        public_pem: key.public_key_pem(),
+    })
+}
+
 /// Generates a fresh CA and a serving certificate signed by it.
 pub fn generate(req: &Request) -> Result<Bundle, CertError> {
     if req.dns_names.is_empty() && req.ips.is_empty() {
         return Err(CertError::NoNames);
     }
-    if !(1..=3650).contains(&req.days) {
-        return Err(CertError::Days(req.days));
-    }
-
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.distinguished_name = DistinguishedName::new();
-    ca.distinguished_name
-        .push(DnType::CommonName, "bulwark webhook CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    validity(&mut ca, req.days);
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca, ca_key);
-
-    let key = KeyPair::generate()?;
-    let mut leaf = CertificateParams::new(Vec::<String>::new())?;
-    for name in &req.dns_names {
-        let ia5 = name
-            .clone()
-            .try_into()
-            .map_err(|_| CertError::DnsName(name.clone()))?;
-        leaf.subject_alt_names.push(SanType::DnsName(ia5));
-    }
-    for ip in &req.ips {
-        leaf.subject_alt_names.push(SanType::IpAddress(*ip));
-    }
-    leaf.distinguished_name = DistinguishedName::new();
-    let cn = req
-        .dns_names
-        .first()
-        .cloned()
-        .or_else(|| req.ips.first().map(ToString::to_string))
-        .unwrap_or_default();
-    leaf.distinguished_name.push(DnType::CommonName, cn);
-    leaf.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    leaf.use_authority_key_identifier_extension = true;
-    validity(&mut leaf, req.days);
-    let cert = leaf.signed_by(&key, &issuer)?;
-
+    let ca = Ca::new("bulwark webhook CA", req.days)?;
+    let leaf = ca.server(&req.dns_names, &req.ips)?;
     Ok(Bundle {
-        ca_cert_pem: ca_cert.pem(),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
+        ca_cert_pem: ca.cert_pem,
+        cert_pem: leaf.cert_pem,
+        key_pem: leaf.key_pem,
     })
 }
 
@@ -135,7 +218,8 @@ pub struct Written {
     pub key: PathBuf,
 }
 
-fn write_file(path: &Path, content: &str, private: bool) -> Result<(), CertError> {
+/// Writes a PEM file through a temporary file and a rename; `private` makes it 0600.
+pub fn write_pem(path: &Path, content: &str, private: bool) -> Result<(), CertError> {
     let err = |source| CertError::Write {
         path: path.display().to_string(),
         source,
@@ -169,9 +253,9 @@ pub fn write(bundle: &Bundle, dir: &Path) -> Result<Written, CertError> {
         key: dir.join("tls.key"),
     };
     // The key first: a reloading webhook only swaps once both files match.
-    write_file(&out.key, &bundle.key_pem, true)?;
-    write_file(&out.cert, &bundle.cert_pem, false)?;
-    write_file(&out.ca_cert, &bundle.ca_cert_pem, false)?;
+    write_pem(&out.key, &bundle.key_pem, true)?;
+    write_pem(&out.cert, &bundle.cert_pem, false)?;
+    write_pem(&out.ca_cert, &bundle.ca_cert_pem, false)?;
     Ok(out)
 }
 
@@ -206,6 +290,21 @@ mod tests {
             generate(&r(&["bad name\u{7f}é"], 30)),
             Err(CertError::DnsName(_))
         ));
+    }
+
+    #[test]
+    fn one_ca_signs_servers_and_clients() {
+        let ca = Ca::new("test CA", 2).unwrap();
+        let server = ca.server(&[], &["127.0.0.1".parse().unwrap()]).unwrap();
+        let client = ca.client("alice", &["system:masters"]).unwrap();
+        assert!(ca.cert_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+        assert_ne!(server.cert_pem, client.cert_pem);
+        assert_ne!(server.key_pem, client.key_pem);
+        assert!(matches!(ca.server(&[], &[]), Err(CertError::NoNames)));
+        assert!(matches!(Ca::new("x", 4000), Err(CertError::Days(4000))));
+        let key = signing_key().unwrap();
+        assert!(key.private_pem.contains("BEGIN PRIVATE KEY"));
+        assert!(key.public_pem.contains("BEGIN PUBLIC KEY"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod admit;
+pub mod backoff;
 pub mod cache;
 pub mod config;
 pub mod defaults;

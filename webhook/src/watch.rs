@@ -1,6 +1,6 @@
 //! Feeds the [`Cache`] from kube-rs watches of pods, namespaces and nodes. Watches resume on
-//! their own after errors with kube-runtime's jittered exponential back-off; a relist replaces
-//! the cache contents atomically per resource.
+//! their own after errors with a fully jittered exponential back-off (0.25 s up to 5 s); a
+//! relist replaces the cache contents atomically per resource.
 
 use std::{collections::HashSet, sync::Arc, time::Instant};
 
@@ -17,6 +17,7 @@ use kube::{
 use tokio::sync::mpsc;
 
 use crate::{
+    backoff::Jittered,
     cache::{Cache, PodEntry},
     ledger::Ledger,
     metrics::Metrics,
@@ -44,7 +45,7 @@ fn stream<K>(api: Api<K>) -> impl Stream<Item = Result<Event<K>, watcher::Error>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    watcher::watcher(api, watcher::Config::default()).default_backoff()
+    watcher::watcher(api, watcher::Config::default()).backoff(Jittered::for_watches())
 }
 
 fn log_error(resource: &str, e: &watcher::Error) {

@@ -1,0 +1,659 @@
+//! A real control plane on 127.0.0.1 with bulwark registered: etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler, kwok with fake nodes, and `bulwark webhook`, each a
+//! local process. `up` starts it (and stops whatever it started if any step fails), `down`
+//! stops it, from the same process or another one through the pid files.
+
+use std::{
+    future::Future,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use kube::{
+    Api, Client, Resource,
+    api::{Patch, PatchParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::{
+    objects,
+    pki::{self, Identity, Pki},
+    process::{Daemon, RunDir},
+};
+
+const STATE_FILE: &str = "cluster.json";
+const KWOK_STAGES: &str = include_str!("../kwok/stages.yaml");
+/// The annotation bulwark's mutation leaves; its presence proves the webhook is called.
+pub const DEFAULTED_ANNOTATION: &str = "bulwark.io/defaulted";
+
+/// bulwark's configuration in the e2e cluster. Retry hints are kept short (1-2 s) so that
+/// client retries (kubectl, the Job controller) play out within a test's time.
+const BULWARK_CONFIG: &str = "\
+cluster:
+  maxPendingPods: 5000
+  pendingPerHealthyNode: 30
+maxRetryAfterSeconds: 1
+reservationTtlSeconds: 30
+";
+
+/// Start order; `down` stops in reverse.
+const COMPONENTS: [&str; 6] = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "bulwark-webhook",
+];
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub dir: PathBuf,
+    pub nodes: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Ports {
+    pub etcd: u16,
+    pub etcd_peer: u16,
+    pub apiserver: u16,
+    pub webhook: u16,
+    pub webhook_metrics: u16,
+    pub kwok: u16,
+}
+
+impl Ports {
+    /// Free ports, asked of the kernel all at once so that none repeats.
+    fn pick() -> anyhow::Result<Ports> {
+        let listeners = (0..6)
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .collect::<Result<Vec<_>, _>>()
+            .context("finding free ports on 127.0.0.1")?;
+        let port = |i: usize| listeners[i].local_addr().map(|a| a.port());
+        Ok(Ports {
+            etcd: port(0)?,
+            etcd_peer: port(1)?,
+            apiserver: port(2)?,
+            webhook: port(3)?,
+            webhook_metrics: port(4)?,
+            kwok: port(5)?,
+        })
+    }
+}
+
+/// What `down`, `env` and tests in other processes need to find a running cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    pub dir: PathBuf,
+    pub bin_dir: PathBuf,
+    pub bulwark: PathBuf,
+    pub ports: Ports,
+    pub nodes: u32,
+}
+
+impl State {
+    pub fn apiserver_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.ports.apiserver)
+    }
+
+    pub fn webhook_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.ports.webhook)
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.ports.webhook_metrics)
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        pki::kubeconfig_path(&self.dir, Identity::Admin)
+    }
+
+    pub fn kubectl(&self) -> PathBuf {
+        self.bin_dir.join("kubectl")
+    }
+
+    fn pki(&self) -> Pki {
+        Pki::in_dir(&self.dir)
+    }
+
+    /// Shell lines that point kubectl at this cluster.
+    pub fn env(&self) -> String {
+        format!(
+            "export KUBECONFIG={}\nexport PATH={}:$PATH\n",
+            self.kubeconfig().display(),
+            self.bin_dir.display()
+        )
+    }
+
+    fn args(&self, component: &str) -> Vec<String> {
+        let p = self.pki();
+        let d = |path: &Path| path.display().to_string();
+        let kubeconfig = |who| d(&pki::kubeconfig_path(&self.dir, who));
+        let ports = self.ports;
+        let args: Vec<String> = match component {
+            "etcd" => vec![
+                format!("--name=e2e"),
+                format!("--data-dir={}", d(&self.dir.join("etcd"))),
+                format!("--listen-client-urls=http://127.0.0.1:{}", ports.etcd),
+                format!("--advertise-client-urls=http://127.0.0.1:{}", ports.etcd),
+                format!("--listen-peer-urls=http://127.0.0.1:{}", ports.etcd_peer),
+                format!(
+                    "--initial-advertise-peer-urls=http://127.0.0.1:{}",
+                    ports.etcd_peer
+                ),
+                format!("--initial-cluster=e2e=http://127.0.0.1:{}", ports.etcd_peer),
+                // A throw-away cluster: durability costs time and buys nothing here.
+                "--unsafe-no-fsync".into(),
+                "--log-level=warn".into(),
+            ],
+            "kube-apiserver" => vec![
+                format!("--etcd-servers=http://127.0.0.1:{}", ports.etcd),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--secure-port={}", ports.apiserver),
+                format!("--tls-cert-file={}", d(&p.apiserver_cert)),
+                format!("--tls-private-key-file={}", d(&p.apiserver_key)),
+                format!("--client-ca-file={}", d(&p.ca_cert)),
+                format!("--cert-dir={}", d(&self.dir.join("pki/generated"))),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-account-key-file={}", d(&p.service_account_pub)),
+                format!(
+                    "--service-account-signing-key-file={}",
+                    d(&p.service_account_key)
+                ),
+                format!("--service-cluster-ip-range={}", pki::SERVICE_CIDR),
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                "--allow-privileged=true".into(),
+                "--profiling=false".into(),
+                // The `kubernetes` Service cannot point at a loopback address; nothing in
+                // this cluster needs it, so do not keep trying.
+                "--endpoint-reconciler-type=none".into(),
+            ],
+            "kube-controller-manager" => vec![
+                format!("--kubeconfig={}", kubeconfig(Identity::ControllerManager)),
+                "--use-service-account-credentials=true".into(),
+                format!(
+                    "--service-account-private-key-file={}",
+                    d(&p.service_account_key)
+                ),
+                format!("--root-ca-file={}", d(&p.ca_cert)),
+                "--leader-elect=false".into(),
+                "--secure-port=0".into(),
+            ],
+            "kube-scheduler" => vec![
+                format!("--kubeconfig={}", kubeconfig(Identity::Scheduler)),
+                "--leader-elect=false".into(),
+                "--secure-port=0".into(),
+            ],
+            "kwok" => vec![
+                format!("--kubeconfig={}", kubeconfig(Identity::Kwok)),
+                format!("--config={}", d(&self.dir.join("kwok.yaml"))),
+                "--manage-all-nodes=false".into(),
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
+                "--node-lease-duration-seconds=40".into(),
+                "--node-ip=127.0.0.1".into(),
+                "--cidr=10.244.0.1/16".into(),
+                format!("--server-address=127.0.0.1:{}", ports.kwok),
+            ],
+            "bulwark-webhook" => vec![
+                "webhook".into(),
+                format!("--listen=127.0.0.1:{}", ports.webhook),
+                format!("--metrics-listen=127.0.0.1:{}", ports.webhook_metrics),
+                format!("--tls-cert={}", d(&p.webhook_cert)),
+                format!("--tls-key={}", d(&p.webhook_key)),
+                format!("--config={}", d(&self.dir.join("bulwark.yaml"))),
+                format!("--kubeconfig={}", kubeconfig(Identity::Webhook)),
+            ],
+            other => unreachable!("unknown component {other}"),
+        };
+        args
+    }
+
+    fn program(&self, component: &str) -> PathBuf {
+        match component {
+            "bulwark-webhook" => self.bulwark.clone(),
+            other => self.bin_dir.join(other),
+        }
+    }
+}
+
+pub struct Cluster {
+    pub state: State,
+    run: RunDir,
+    daemons: Vec<Daemon>,
+    /// Set once `up` has handed the cluster over to later `down`/`env` invocations.
+    detached: bool,
+}
+
+impl Cluster {
+    /// Starts a fresh cluster in `opts.dir`, replacing whatever an earlier `up` left there.
+    pub async fn up(opts: &Options) -> anyhow::Result<Cluster> {
+        let bin_dir = control_plane_binaries()?;
+        let bulwark = bulwark_binary()?;
+        if let Ok(mut old) = Cluster::attach(&opts.dir) {
+            old.down();
+        }
+        if opts.dir.exists() {
+            std::fs::remove_dir_all(&opts.dir)
+                .with_context(|| format!("removing {}", opts.dir.display()))?;
+        }
+        std::fs::create_dir_all(&opts.dir)
+            .with_context(|| format!("creating {}", opts.dir.display()))?;
+        let dir = opts
+            .dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", opts.dir.display()))?;
+        let state = State {
+            dir: dir.clone(),
+            bin_dir,
+            bulwark,
+            ports: Ports::pick()?,
+            nodes: opts.nodes,
+        };
+        let state_json = serde_json::to_string_pretty(&state).context("encoding cluster state")?;
+        std::fs::write(dir.join(STATE_FILE), state_json).context("writing cluster.json")?;
+        let mut cluster = Cluster {
+            run: RunDir::new(&dir)?,
+            state,
+            daemons: Vec::new(),
+            detached: false,
+        };
+        if let Err(e) = cluster.start().await {
+            cluster.down();
+            return Err(e.context(format!(
+                "bringing up the cluster (logs in {})",
+                dir.join("logs").display()
+            )));
+        }
+        Ok(cluster)
+    }
+
+    /// The cluster an earlier `up` started in `dir`.
+    pub fn attach(dir: &Path) -> anyhow::Result<Cluster> {
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "no cluster in {} (reading {})",
+                dir.display(),
+                path.display()
+            )
+        })?;
+        let state: State = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a cluster state file", path.display()))?;
+        let run = RunDir::new(&state.dir)?;
+        let mut daemons = run.recorded();
+        daemons.sort_by_key(|d| COMPONENTS.iter().position(|c| *c == d.name));
+        Ok(Cluster {
+            state,
+            run,
+            daemons,
+            detached: true,
+        })
+    }
+
+    /// Leaves the processes running after this value is dropped (for `up` from the CLI).
+    pub fn detach(mut self) -> State {
+        self.detached = true;
+        self.state.clone()
+    }
+
+    /// Names of the components whose processes are running.
+    pub fn running(&mut self) -> Vec<String> {
+        self.daemons
+            .iter_mut()
+            .filter_map(|d| d.running().then(|| d.name.clone()))
+            .collect()
+    }
+
+    /// Stops every process, newest first.
+    pub fn down(&mut self) {
+        while let Some(mut daemon) = self.daemons.pop() {
+            self.run.stop(&mut daemon, Duration::from_secs(10));
+        }
+        let _ = std::fs::remove_file(self.state.dir.join(STATE_FILE));
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        client_from(&self.state.kubeconfig()).await
+    }
+
+    fn spawn(&mut self, component: &str) -> anyhow::Result<()> {
+        let daemon = self.run.spawn(
+            component,
+            &self.state.program(component),
+            &self.state.args(component),
+        )?;
+        self.daemons.push(daemon);
+        Ok(())
+    }
+
+    /// Polls `probe` until it yields a value, failing early if any process has died.
+    async fn wait<T, F, Fut>(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut probe: F,
+    ) -> anyhow::Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = anyhow::Result<Option<T>>>,
+    {
+        let start = Instant::now();
+        let mut last = None;
+        loop {
+            for d in &mut self.daemons {
+                d.check()?;
+            }
+            match probe().await {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => {}
+                Err(e) => last = Some(e),
+            }
+            if start.elapsed() > limit {
+                let why = last.map(|e| format!(": {e:#}")).unwrap_or_default();
+                bail!("{what}: not ready after {}s{why}", limit.as_secs());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn start(&mut self) -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        let step = |what: &str| eprintln!("[{:5.1}s] {what}", t0.elapsed().as_secs_f64());
+        let dir = self.state.dir.clone();
+        let pki = pki::generate(&dir, &self.state.apiserver_url())?;
+        std::fs::write(dir.join("bulwark.yaml"), BULWARK_CONFIG).context("writing bulwark.yaml")?;
+        std::fs::write(dir.join("kwok.yaml"), KWOK_STAGES).context("writing kwok.yaml")?;
+
+        step("starting etcd");
+        self.spawn("etcd")?;
+        let etcd = self.state.ports.etcd;
+        self.wait("etcd", Duration::from_secs(30), || async move {
+            Ok(plain_get(etcd, "/health")?
+                .contains("\"health\":\"true\"")
+                .then_some(()))
+        })
+        .await?;
+
+        step("starting kube-apiserver");
+        self.spawn("kube-apiserver")?;
+        let client = self.wait_apiserver().await?;
+
+        step("starting kube-controller-manager, kube-scheduler, kwok");
+        for c in ["kube-controller-manager", "kube-scheduler", "kwok"] {
+            self.spawn(c)?;
+        }
+        let pp = PatchParams::apply("bulwark-e2e").force();
+        let nodes: Api<Node> = Api::all(client.clone());
+        for i in 0..self.state.nodes {
+            let node = objects::kwok_node(i);
+            nodes
+                .create(&PostParams::default(), &node)
+                .await
+                .with_context(|| format!("creating node kwok-node-{i}"))?;
+        }
+        let (role, binding) = objects::webhook_rbac();
+        apply(&client, &role, &pp).await?;
+        apply(&client, &binding, &pp).await?;
+        let ns = Namespace {
+            metadata: kube::api::ObjectMeta {
+                name: Some("bulwark-system".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        apply(&client, &ns, &pp).await?;
+
+        let want = self.state.nodes as usize;
+        let c = client.clone();
+        self.wait("kwok nodes Ready", Duration::from_secs(60), || {
+            let nodes: Api<Node> = Api::all(c.clone());
+            async move {
+                let list = nodes.list(&Default::default()).await?;
+                let ready = list.items.iter().filter(|n| node_ready(n)).count();
+                Ok((ready >= want).then_some(()))
+            }
+        })
+        .await?;
+        let c = client.clone();
+        // The controller-manager's service account controller is what creates it.
+        self.wait("default ServiceAccount", Duration::from_secs(60), || {
+            let sas: Api<ServiceAccount> = Api::namespaced(c.clone(), "default");
+            async move { Ok(sas.get_opt("default").await?.map(|_| ())) }
+        })
+        .await?;
+
+        step("starting bulwark webhook");
+        self.spawn("bulwark-webhook")?;
+        let probe = webhook_probe_client(&self.state.webhook_url(), &pki.webhook_ca_cert).await?;
+        self.wait("bulwark webhook /readyz", Duration::from_secs(60), || {
+            let probe = probe.clone();
+            async move { ready(&probe, "/readyz").await }
+        })
+        .await?;
+
+        step("registering the webhooks");
+        let ca = std::fs::read_to_string(&pki.webhook_ca_cert).context("reading webhook CA")?;
+        let (mutating, validating) =
+            objects::webhook_configurations(&self.state.webhook_url(), &ca);
+        apply(&client, &mutating, &pp).await?;
+        apply(&client, &validating, &pp).await?;
+        let c = client.clone();
+        self.wait("webhook registration", Duration::from_secs(30), || {
+            let pods: Api<Pod> = Api::namespaced(c.clone(), "default");
+            async move {
+                let dry = PostParams {
+                    dry_run: true,
+                    ..PostParams::default()
+                };
+                let pod = pods.create(&dry, &probe_pod()).await?;
+                Ok(pod
+                    .metadata
+                    .annotations
+                    .is_some_and(|a| a.contains_key(DEFAULTED_ANNOTATION))
+                    .then_some(()))
+            }
+        })
+        .await?;
+        step("ready");
+        Ok(())
+    }
+
+    async fn wait_apiserver(&mut self) -> anyhow::Result<Client> {
+        let kubeconfig = self.state.kubeconfig();
+        self.wait("kube-apiserver /readyz", Duration::from_secs(90), || {
+            let kubeconfig = kubeconfig.clone();
+            async move {
+                let client = client_from(&kubeconfig).await?;
+                Ok(ready(&client, "/readyz").await?.map(|_| client))
+            }
+        })
+        .await
+    }
+
+    /// Stops kube-apiserver, keeps it down for `downtime`, starts it again and waits until
+    /// it is ready. Returns when it stopped and when it was ready again.
+    pub async fn restart_apiserver(
+        &mut self,
+        downtime: Duration,
+    ) -> anyhow::Result<(Instant, Instant)> {
+        let index = self
+            .daemons
+            .iter()
+            .position(|d| d.name == "kube-apiserver")
+            .context("kube-apiserver is not running")?;
+        let mut apiserver = self.daemons.remove(index);
+        self.run.stop(&mut apiserver, Duration::from_secs(30));
+        let stopped = Instant::now();
+        tokio::time::sleep(downtime).await;
+        let daemon = self.run.spawn(
+            "kube-apiserver",
+            &self.state.program("kube-apiserver"),
+            &self.state.args("kube-apiserver"),
+        )?;
+        self.daemons.insert(index, daemon);
+        self.wait_apiserver().await?;
+        Ok((stopped, Instant::now()))
+    }
+
+    /// The log file of a component.
+    pub fn log(&self, component: &str) -> PathBuf {
+        self.run.log(component)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !self.detached {
+            self.down();
+        }
+    }
+}
+
+fn node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A pod for the registration probe; only ever sent as a dry run.
+fn probe_pod() -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "bulwark-e2e-probe"},
+        "spec": {"containers": [{"name": "probe", "image": "registry.k8s.io/pause:3.10"}]}
+    }))
+    .unwrap_or_default()
+}
+
+async fn apply<K>(client: &Client, obj: &K, pp: &PatchParams) -> anyhow::Result<()>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::ClusterResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().context("object without a name")?;
+    let api: Api<K> = Api::all(client.clone());
+    api.patch(&name, pp, &Patch::Apply(obj))
+        .await
+        .with_context(|| format!("applying {} {name}", K::kind(&())))?;
+    Ok(())
+}
+
+/// A client for a kubeconfig file.
+pub async fn client_from(path: &Path) -> anyhow::Result<Client> {
+    let kc = Kubeconfig::read_from(path)
+        .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .with_context(|| format!("using kubeconfig {}", path.display()))?;
+    // kube-rs retries 429 on its own (up to 15 times, backing off to minutes); the harness
+    // and the tests must see each answer as it comes, and do their own polling.
+    config.default_retry = false;
+    Client::try_from(config).context("building a Kubernetes client")
+}
+
+/// A client for the webhook's own HTTPS endpoints, trusting the webhook CA.
+async fn webhook_probe_client(url: &str, ca: &Path) -> anyhow::Result<Client> {
+    let kc = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "webhook", "cluster": {"server": url, "certificate-authority": ca}}],
+        "users": [{"name": "anonymous", "user": {}}],
+        "contexts": [{"name": "webhook", "context": {"cluster": "webhook", "user": "anonymous"}}],
+        "current-context": "webhook",
+    });
+    let kc: Kubeconfig = serde_json::from_value(kc).context("webhook probe kubeconfig")?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Client::try_from(config).context("building the webhook probe client")
+}
+
+/// `Some` when GET `path` answers 2xx with "ok".
+async fn ready(client: &Client, path: &str) -> anyhow::Result<Option<()>> {
+    let req = http::Request::get(path)
+        .body(Vec::new())
+        .context("building a readiness request")?;
+    let text = client.request_text(req).await?;
+    Ok(text.trim().eq_ignore_ascii_case("ok").then_some(()))
+}
+
+/// A plain-HTTP GET on 127.0.0.1 (etcd's /health, the webhook's /metrics): the body.
+pub fn plain_get(port: u16, path: &str) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_owned())
+}
+
+/// Builds (once per version, cached) the control plane binaries; returns their directory.
+pub fn control_plane_binaries() -> anyhow::Result<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{} failed ({})", script.display(), out.status);
+    }
+    let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    Ok(PathBuf::from(dir))
+}
+
+/// The `bulwark` binary: `$BULWARK_BIN`, or the one in the cargo target directory this
+/// program was built into (tests build it first with [`build_bulwark`]).
+pub fn bulwark_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("BULWARK_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("locating this executable")?;
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("bulwark"))
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "no bulwark binary next to {} (run `cargo build -p bulwark` or set BULWARK_BIN)",
+                exe.display()
+            )
+        })
+}
+
+/// `cargo build -p bulwark`, so tests run against the current source.
+pub fn build_bulwark() -> anyhow::Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut args = vec!["build", "--quiet", "-p", "bulwark", "--bin", "bulwark"];
+    // Same profile as this program, so the binary lands where `bulwark_binary` looks.
+    if !cfg!(debug_assertions) {
+        args.push("--release");
+    }
+    let status = Command::new(cargo)
+        .args(&args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .context("running cargo build -p bulwark")?;
+    if !status.success() {
+        bail!("cargo build -p bulwark failed ({status})");
+    }
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! `bulwark-e2e up|down|env`: the local e2e cluster from the command line.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use bulwark_e2e::{Cluster, Options, default_dir, install_crypto};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bulwark-e2e",
+    about = "A local Kubernetes control plane with kwok nodes and bulwark registered"
+)]
+struct Cli {
+    /// Directory for the cluster's certificates, data, logs and pid files
+    /// (default: $BULWARK_E2E_DIR, else ~/.cache/bulwark/cluster).
+    #[arg(long, global = true)]
+    dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a fresh cluster (replacing one already in the directory) and leave it running.
+    Up {
+        /// Number of kwok nodes.
+        #[arg(long, default_value_t = 4)]
+        nodes: u32,
+    },
+    /// Stop every process of the cluster.
+    Down,
+    /// Print shell lines pointing kubectl at the cluster: eval "$(bulwark-e2e env)".
+    Env,
+    /// Say which components are running.
+    Status,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    install_crypto();
+    let cli = Cli::parse();
+    let dir = cli.dir.unwrap_or_else(default_dir);
+    let result = match cli.command {
+        Cmd::Up { nodes } => Cluster::up(&Options { dir, nodes }).await.map(|c| {
+            let state = c.detach();
+            eprintln!(
+                "cluster up: kube-apiserver {}, bulwark webhook {}, metrics {}",
+                state.apiserver_url(),
+                state.webhook_url(),
+                state.metrics_url()
+            );
+            eprintln!("logs: {}", state.dir.join("logs").display());
+        }),
+        Cmd::Down => Cluster::attach(&dir).map(|mut c| {
+            c.down();
+            eprintln!("cluster in {} stopped", dir.display());
+        }),
+        Cmd::Env => Cluster::attach(&dir).map(|c| print!("{}", c.state.env())),
+        Cmd::Status => Cluster::attach(&dir).map(|mut c| {
+            let running = c.running();
+            println!(
+                "running: {}",
+                if running.is_empty() {
+                    "nothing".into()
+                } else {
+                    running.join(", ")
+                }
+            );
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bulwark-e2e: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

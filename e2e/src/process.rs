@@ -1,0 +1,200 @@
+//! Local daemons of the e2e cluster: started detached with their output in a log file and
+//! their pid in a pid file, so that `down` from another process finds and stops exactly them.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+/// One started process. The `Child` is kept when this process started it, to reap it.
+pub struct Daemon {
+    pub name: String,
+    pub pid: u32,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+/// Where a cluster keeps its logs and pid files.
+#[derive(Clone)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    pub fn new(root: &Path) -> anyhow::Result<Self> {
+        for sub in ["logs", "run"] {
+            fs::create_dir_all(root.join(sub))
+                .with_context(|| format!("creating {}", root.join(sub).display()))?;
+        }
+        Ok(RunDir {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.root.join("logs").join(format!("{name}.log"))
+    }
+
+    fn pid_file(&self, name: &str) -> PathBuf {
+        self.root.join("run").join(format!("{name}.pid"))
+    }
+
+    /// Starts `program args` as `name`, in its own process group so that a Ctrl-C in the
+    /// terminal that ran `up` does not take the cluster down with it.
+    pub fn spawn(&self, name: &str, program: &Path, args: &[String]) -> anyhow::Result<Daemon> {
+        let log_path = self.log(name);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let err = log.try_clone().context("duplicating the log file")?;
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).stdout(log).stderr(err);
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({})", program.display()))?;
+        let pid = child.id();
+        fs::write(self.pid_file(name), format!("{pid}\n"))
+            .with_context(|| format!("writing the pid file of {name}"))?;
+        Ok(Daemon {
+            name: name.to_owned(),
+            pid,
+            child: Some(child),
+            log: log_path,
+        })
+    }
+
+    /// The daemons a previous `up` left pid files for and that are still running as ours.
+    pub fn recorded(&self) -> Vec<Daemon> {
+        let Ok(entries) = fs::read_dir(self.root.join("run")) else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".pid"))
+            else {
+                continue;
+            };
+            let pid = fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok());
+            match pid {
+                Some(pid) if self.owns(pid) => found.push(Daemon {
+                    name: name.to_owned(),
+                    pid,
+                    child: None,
+                    log: self.log(name),
+                }),
+                // Gone, or the pid now belongs to someone else: only the file is ours.
+                _ => {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        found
+    }
+
+    /// A pid is one of ours if the process is alive and its command line names this
+    /// directory (every daemon gets a path inside it); this guards against recycled pids.
+    fn owns(&self, pid: u32) -> bool {
+        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            return false;
+        };
+        let root = self.root.to_string_lossy();
+        alive(pid)
+            && cmdline
+                .split(|b| *b == 0)
+                .any(|arg| String::from_utf8_lossy(arg).contains(root.as_ref()))
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; waits until the process is gone.
+    pub fn stop(&self, daemon: &mut Daemon, grace: Duration) {
+        signal(daemon.pid, "TERM");
+        if !daemon.wait_exit(grace) {
+            signal(daemon.pid, "KILL");
+            daemon.wait_exit(Duration::from_secs(5));
+        }
+        let _ = fs::remove_file(self.pid_file(&daemon.name));
+    }
+}
+
+impl Daemon {
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Whether the process still runs (reaping it if this process is its parent).
+    pub fn running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => alive(self.pid),
+        }
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if !self.running() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        !self.running()
+    }
+
+    /// The last lines of the daemon's log, for error messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Fails with the log's tail if the process has exited.
+    pub fn check(&mut self) -> anyhow::Result<()> {
+        if self.running() {
+            Ok(())
+        } else {
+            bail!(
+                "{} exited; last lines of {}:\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail(30)
+            )
+        }
+    }
+}
+
+/// Alive and not a zombie.
+fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}

@@ -1,0 +1,310 @@
+//! What the end-to-end tests share: the cluster, namespaces with annotations, pods, kubectl.
+
+use std::{
+    collections::BTreeMap,
+    process::Stdio,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use bulwark_e2e::{Cluster, State};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+    core::Status,
+};
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+pub struct Ctx {
+    pub cluster: Cluster,
+    pub client: Client,
+    namespaces: Vec<String>,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// The webhook's answer to a pod creation, as the API server relays it.
+#[derive(Debug)]
+pub enum Created {
+    Pod(Box<Pod>),
+    Refused(Box<Status>),
+}
+
+impl Created {
+    pub fn refused(self) -> anyhow::Result<Status> {
+        match self {
+            Created::Refused(s) => Ok(*s),
+            Created::Pod(p) => bail!(
+                "pod {} was admitted, expected a refusal",
+                p.metadata.name.unwrap_or_default()
+            ),
+        }
+    }
+
+    pub fn admitted(self) -> anyhow::Result<Pod> {
+        match self {
+            Created::Pod(p) => Ok(*p),
+            Created::Refused(s) => bail!("refused ({} {}): {}", s.code, s.reason, s.message),
+        }
+    }
+
+    pub fn is_admitted(&self) -> bool {
+        matches!(self, Created::Pod(_))
+    }
+}
+
+/// A pod with one pause container and no resources; `extra` is merged into it as JSON
+/// (e.g. `{"spec": {"nodeSelector": ...}}`).
+pub fn pod(name: &str, extra: Value) -> Pod {
+    let mut base = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "containers": [{"name": "work", "image": "registry.k8s.io/pause:3.10"}],
+            "terminationGracePeriodSeconds": 0,
+        }
+    });
+    merge(&mut base, extra);
+    serde_json::from_value(base).unwrap_or_default()
+}
+
+/// A pod no node can take: stays Pending for as long as it exists.
+pub fn unschedulable(name: &str) -> Pod {
+    pod(
+        name,
+        json!({"spec": {"nodeSelector": {"bulwark-e2e/no-such-node": "true"}}}),
+    )
+}
+
+fn merge(base: &mut Value, extra: Value) {
+    match (base, extra) {
+        (Value::Object(b), Value::Object(e)) => {
+            for (k, v) in e {
+                merge(b.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (b, e) => *b = e,
+    }
+}
+
+impl Ctx {
+    pub fn new(cluster: Cluster, client: Client) -> Self {
+        Ctx {
+            cluster,
+            client,
+            namespaces: Vec::new(),
+        }
+    }
+
+    pub fn state(&self) -> &State {
+        &self.cluster.state
+    }
+
+    pub fn pods(&self, ns: &str) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    /// A fresh namespace with bulwark annotations, ready for pods (its default
+    /// ServiceAccount exists), deleted after the test.
+    pub async fn namespace(
+        &mut self,
+        prefix: &str,
+        annotations: &[(&str, &str)],
+    ) -> anyhow::Result<String> {
+        let name = format!("{prefix}-{}", SEQ.fetch_add(1, Ordering::Relaxed));
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect::<BTreeMap<_, _>>(),
+                ),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        Api::<Namespace>::all(self.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .with_context(|| format!("creating namespace {name}"))?;
+        self.namespaces.push(name.clone());
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &name);
+        eventually(
+            Duration::from_secs(20),
+            "the default ServiceAccount",
+            || {
+                let sas = sas.clone();
+                async move { Ok(sas.get_opt("default").await?.map(|_| ())) }
+            },
+        )
+        .await?;
+        Ok(name)
+    }
+
+    pub async fn annotate(&self, ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
+        let patch = json!({"metadata": {"annotations": {key: value}}});
+        Api::<Namespace>::all(self.client.clone())
+            .patch(ns, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("annotating namespace {ns}"))?;
+        Ok(())
+    }
+
+    /// Creates a pod; bulwark's refusals come back as `Refused`, other errors as errors.
+    pub async fn create(&self, ns: &str, pod: &Pod) -> anyhow::Result<Created> {
+        self.create_with(ns, pod, &PostParams::default()).await
+    }
+
+    pub async fn dry_run(&self, ns: &str, pod: &Pod) -> anyhow::Result<Created> {
+        let pp = PostParams {
+            dry_run: true,
+            ..PostParams::default()
+        };
+        self.create_with(ns, pod, &pp).await
+    }
+
+    async fn create_with(&self, ns: &str, pod: &Pod, pp: &PostParams) -> anyhow::Result<Created> {
+        match self.pods(ns).create(pp, pod).await {
+            Ok(p) => Ok(Created::Pod(Box::new(p))),
+            Err(kube::Error::Api(s)) if s.code == 429 => Ok(Created::Refused(s)),
+            Err(e) => Err(e).context("creating a pod"),
+        }
+    }
+
+    pub async fn delete_pod(&self, ns: &str, name: &str) -> anyhow::Result<()> {
+        self.pods(ns)
+            .delete(name, &DeleteParams::default().grace_period(0))
+            .await
+            .with_context(|| format!("deleting pod {ns}/{name}"))?;
+        Ok(())
+    }
+
+    /// Pods of a namespace in phase Pending.
+    pub async fn pending(&self, ns: Option<&str>) -> anyhow::Result<usize> {
+        let api = match ns {
+            Some(ns) => self.pods(ns),
+            None => Api::all(self.client.clone()),
+        };
+        let lp = ListParams::default().fields("status.phase=Pending");
+        Ok(api.list(&lp).await?.items.len())
+    }
+
+    /// Runs kubectl against the cluster; `stdin` is written to it when given.
+    pub async fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Kubectl> {
+        let mut cmd = tokio::process::Command::new(self.state().kubectl());
+        cmd.env("KUBECONFIG", self.state().kubeconfig())
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let start = Instant::now();
+        let mut child = cmd.spawn().context("starting kubectl")?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(text.as_bytes()).await?;
+        }
+        let out = child.wait_with_output().await.context("running kubectl")?;
+        Ok(Kubectl {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            took: start.elapsed(),
+        })
+    }
+
+    /// One sample of a metric from the webhook's /metrics (sum over matching label sets).
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+        let text = bulwark_e2e::cluster::plain_get(self.state().ports.webhook_metrics, "/metrics")?;
+        let mut sum = 0.0;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let (metric, label_text) = series.split_once('{').unwrap_or((series, ""));
+            if metric != name {
+                continue;
+            }
+            if labels
+                .iter()
+                .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
+            {
+                sum += value.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Deletes the namespaces the test created and waits until no pod of theirs is left,
+    /// so the next test starts from an empty cluster.
+    pub async fn cleanup(&mut self) -> anyhow::Result<()> {
+        let api = Api::<Namespace>::all(self.client.clone());
+        for ns in std::mem::take(&mut self.namespaces) {
+            let _ = api.delete(&ns, &DeleteParams::background()).await;
+            let pods = self.pods(&ns);
+            pods.delete_collection(
+                &DeleteParams::default().grace_period(0),
+                &ListParams::default(),
+            )
+            .await
+            .ok();
+            eventually(
+                Duration::from_secs(60),
+                "pods of deleted namespaces gone",
+                || {
+                    let pods = pods.clone();
+                    async move {
+                        Ok(pods
+                            .list(&ListParams::default())
+                            .await?
+                            .items
+                            .is_empty()
+                            .then_some(()))
+                    }
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// What kubectl did.
+pub struct Kubectl {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+    pub took: Duration,
+}
+
+/// Polls `probe` every 100 ms until it yields a value; errors count as "not yet".
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let start = Instant::now();
+    let mut last = None;
+    loop {
+        match probe().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = Some(e),
+        }
+        if start.elapsed() > limit {
+            let why = last
+                .map(|e| format!(" (last error: {e:#})"))
+                .unwrap_or_default();
+            bail!("{what}: not within {:.1}s{why}", limit.as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
