@@ -7,6 +7,10 @@
 #   kwok  (go install of sigs.k8s.io/kwok/cmd/kwok)
 # Prints the directory holding the binaries.
 set -euo pipefail
+# A Go older than a module's `go` line fetches the matching toolchain from the module proxy
+# (distribution packages often pin GOTOOLCHAIN=local).
+export GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
+command -v go >/dev/null 2>&1 || { echo "e2e/build.sh: needs the go tool on PATH" >&2; exit 1; }
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${BULWARK_CACHE:-$HOME/.cache/bulwark}
 k8s=$(sed -n 's/^require k8s.io\/kubernetes //p' "$here/controlplane/go.mod")

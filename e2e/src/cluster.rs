@@ -125,9 +125,10 @@ impl State {
     /// Shell lines that point kubectl at this cluster.
     pub fn env(&self) -> String {
         format!(
-            "export KUBECONFIG={}\nexport PATH={}:$PATH\n",
+            "export KUBECONFIG={}\nexport PATH={}:$PATH\nexport BULWARK_METRICS_URL={}\n",
             self.kubeconfig().display(),
-            self.bin_dir.display()
+            self.bin_dir.display(),
+            self.metrics_url()
         )
     }
 
@@ -222,6 +223,14 @@ impl State {
             other => self.bin_dir.join(other),
         }
     }
+}
+
+/// When a restarted kube-apiserver was told to stop, had stopped, and was ready again.
+#[derive(Debug, Clone, Copy)]
+pub struct Restart {
+    pub signalled: Instant,
+    pub stopped: Instant,
+    pub ready: Instant,
 }
 
 pub struct Cluster {
@@ -478,18 +487,16 @@ impl Cluster {
         .await
     }
 
-    /// Stops kube-apiserver, keeps it down for `downtime`, starts it again and waits until
-    /// it is ready. Returns when it stopped and when it was ready again.
-    pub async fn restart_apiserver(
-        &mut self,
-        downtime: Duration,
-    ) -> anyhow::Result<(Instant, Instant)> {
+    /// Stops kube-apiserver (SIGTERM, as a rolling restart would), keeps it down for
+    /// `downtime`, starts it again and waits until it is ready.
+    pub async fn restart_apiserver(&mut self, downtime: Duration) -> anyhow::Result<Restart> {
         let index = self
             .daemons
             .iter()
             .position(|d| d.name == "kube-apiserver")
             .context("kube-apiserver is not running")?;
         let mut apiserver = self.daemons.remove(index);
+        let signalled = Instant::now();
         self.run.stop(&mut apiserver, Duration::from_secs(30));
         let stopped = Instant::now();
         tokio::time::sleep(downtime).await;
@@ -500,7 +507,11 @@ impl Cluster {
         )?;
         self.daemons.insert(index, daemon);
         self.wait_apiserver().await?;
-        Ok((stopped, Instant::now()))
+        Ok(Restart {
+            signalled,
+            stopped,
+            ready: Instant::now(),
+        })
     }
 
     /// The log file of a component.

@@ -103,9 +103,42 @@ fn main() -> ExitCode {
     }
 }
 
+const CLUSTER_DIR_PREFIX: &str = "bulwark-e2e-";
+
+/// Clusters of earlier runs that were killed before they could stop them: their directory
+/// names a test process that is gone. Stops what still runs and removes the directory.
+fn reap_stale_clusters() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(CLUSTER_DIR_PREFIX))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Ok(mut stale) = Cluster::attach(&entry.path()) {
+            stale.down();
+        }
+        if std::fs::remove_dir_all(entry.path()).is_ok() {
+            println!(
+                "removed the cluster of an earlier, interrupted run: {}",
+                entry.path().display()
+            );
+        }
+    }
+}
+
 async fn run(selected: Vec<(&'static str, TestFn)>) -> anyhow::Result<bool> {
     bulwark_e2e::cluster::build_bulwark()?;
-    let dir = std::env::temp_dir().join(format!("bulwark-e2e-{}", std::process::id()));
+    reap_stale_clusters();
+    let dir = std::env::temp_dir().join(format!("{CLUSTER_DIR_PREFIX}{}", std::process::id()));
     println!(
         "\nrunning {} end-to-end tests (cluster in {})",
         selected.len(),
@@ -862,13 +895,15 @@ async fn watches_resume_after_apiserver_restart(ctx: &mut Ctx) -> anyhow::Result
     for name in ["held-0", "held-1"] {
         ctx.create(&ns, &unschedulable(name)).await?.admitted()?;
     }
-    let (stopped, ready) = ctx
+    let restart = ctx
         .cluster
         .restart_apiserver(Duration::from_secs(5))
         .await?;
+    let ready = restart.ready;
     println!(
-        "    kube-apiserver down for {:.1}s, ready again",
-        (ready - stopped).as_secs_f64()
+        "    kube-apiserver: {:.1}s from SIGTERM to exit, down {:.1}s, ready again",
+        (restart.stopped - restart.signalled).as_secs_f64(),
+        (restart.ready - restart.stopped).as_secs_f64()
     );
     // The snapshot from before the restart still decides: the namespace is full.
     ctx.dry_run(&ns, &pod("probe", json!({})))
