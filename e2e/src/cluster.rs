@@ -56,6 +56,8 @@ const COMPONENTS: [&str; 6] = [
 pub struct Options {
     pub dir: PathBuf,
     pub nodes: u32,
+    /// The `bulwark` binary to run; default: [`bulwark_binary`].
+    pub bulwark: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -176,6 +178,9 @@ impl State {
                 // The `kubernetes` Service cannot point at a loopback address; nothing in
                 // this cluster needs it, so do not keep trying.
                 "--endpoint-reconciler-type=none".into(),
+                // End watches before the HTTP server's shutdown, which otherwise waits a full
+                // minute for them: a restart then takes seconds, as in a real rolling restart.
+                "--shutdown-watch-termination-grace-period=2s".into(),
             ],
             "kube-controller-manager" => vec![
                 format!("--kubeconfig={}", kubeconfig(Identity::ControllerManager)),
@@ -245,7 +250,10 @@ impl Cluster {
     /// Starts a fresh cluster in `opts.dir`, replacing whatever an earlier `up` left there.
     pub async fn up(opts: &Options) -> anyhow::Result<Cluster> {
         let bin_dir = control_plane_binaries()?;
-        let bulwark = bulwark_binary()?;
+        let bulwark = match &opts.bulwark {
+            Some(path) => path.clone(),
+            None => bulwark_binary()?,
+        };
         if let Ok(mut old) = Cluster::attach(&opts.dir) {
             old.down();
         }
@@ -311,6 +319,24 @@ impl Cluster {
     pub fn detach(mut self) -> State {
         self.detached = true;
         self.state.clone()
+    }
+
+    /// Pids of running processes whose command line names `dir`: what a cluster there left
+    /// behind, recorded or not.
+    pub fn processes_in(dir: &Path) -> Vec<u32> {
+        let needle = dir.to_string_lossy().into_owned();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+                    && crate::process::alive(*pid)
+            })
+            .collect()
     }
 
     /// Names of the components whose processes are running.

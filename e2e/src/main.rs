@@ -41,7 +41,13 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let dir = cli.dir.unwrap_or_else(default_dir);
     let result = match cli.command {
-        Cmd::Up { nodes } => Cluster::up(&Options { dir, nodes }).await.map(|c| {
+        Cmd::Up { nodes } => Cluster::up(&Options {
+            dir,
+            nodes,
+            bulwark: None,
+        })
+        .await
+        .map(|c| {
             let state = c.detach();
             eprintln!(
                 "cluster up: kube-apiserver {}, bulwark webhook {}, metrics {}",

@@ -180,7 +180,7 @@ impl Daemon {
 }
 
 /// Alive and not a zombie.
-fn alive(pid: u32) -> bool {
+pub fn alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name, which may itself hold spaces.
         Ok(stat) => stat
@@ -197,4 +197,60 @@ fn signal(pid: u32, sig: &str) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("bulwark-process-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn spawned_daemons_are_found_again_and_stopped() {
+        let dir = scratch("spawn");
+        let run = RunDir::new(&dir).unwrap();
+        // The directory appears on the command line, as with every cluster daemon.
+        let args = ["-c".to_owned(), "sleep 30".to_owned(), dir.display().to_string()];
+        let mut started = run.spawn("sleeper", Path::new("sh"), &args).unwrap();
+        assert!(started.running());
+
+        let mut found = run.recorded();
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].name.as_str(), found[0].pid), ("sleeper", started.pid));
+        run.stop(&mut found[0], Duration::from_secs(5));
+        assert!(!started.running(), "SIGTERM ends it");
+        assert!(run.recorded().is_empty(), "pid file removed");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pid_files_of_other_processes_are_ignored() {
+        let dir = scratch("foreign");
+        let run = RunDir::new(&dir).unwrap();
+        // This test process is alive but does not name the directory: a recycled pid.
+        fs::write(run.pid_file("etcd"), format!("{}\n", std::process::id())).unwrap();
+        fs::write(run.pid_file("kwok"), "not a pid\n").unwrap();
+        assert!(run.recorded().is_empty());
+        assert!(!run.pid_file("etcd").exists() && !run.pid_file("kwok").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_daemon_that_exits_is_reported_with_its_log() {
+        let dir = scratch("exit");
+        let run = RunDir::new(&dir).unwrap();
+        let args = ["-c".to_owned(), "echo cannot start >&2; exit 3".to_owned()];
+        let mut d = run.spawn("broken", Path::new("sh"), &args).unwrap();
+        let start = Instant::now();
+        while d.running() && start.elapsed() < Duration::from_secs(5) {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let err = d.check().unwrap_err().to_string();
+        assert!(err.contains("broken exited") && err.contains("cannot start"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -4,19 +4,23 @@
 use std::time::Duration;
 
 /// Turns the time until capacity is expected back into whole seconds to tell the client:
-/// at least 1, the base clamped to `max`, then spread uniformly over `[base, 1.5 x base]`.
+/// the base is that time rounded up to whole seconds, at least 1 and at most `max`; the
+/// answer is drawn uniformly from the whole seconds `base ..= base + max(1, base / 2)`.
+/// Drawing whole seconds (not rounding a continuous draw) keeps the spread at small bases:
+/// refused at base 1, clients come back after 1 or 2 seconds, not all after 2.
 /// `unit` is a uniform sample from `[0, 1)`.
 pub fn retry_after_seconds(expected: Duration, max: Duration, unit: f64) -> u32 {
     let max = max.as_secs_f64().max(1.0);
-    let base = expected.as_secs_f64().clamp(1.0, max);
+    let base = expected.as_secs_f64().clamp(1.0, max).ceil();
+    let spread = (base / 2.0).floor().max(1.0);
     let unit = if unit.is_finite() {
         unit.clamp(0.0, 1.0)
     } else {
         0.0
     };
-    let secs = (base * (1.0 + 0.5 * unit)).ceil();
-    // `secs` is within [1, 1.5 * max]; the cast cannot truncate meaningfully.
-    secs.clamp(1.0, f64::from(u32::MAX)) as u32
+    let extra = (unit * (spread + 1.0)).floor().min(spread);
+    // At most 1.5 x max + 1 seconds; the cast cannot truncate meaningfully.
+    (base + extra).clamp(1.0, f64::from(u32::MAX)) as u32
 }
 
 /// [`retry_after_seconds`] with a random sample.
@@ -65,6 +69,16 @@ mod tests {
             retry_after_seconds(Duration::from_secs(4), Duration::ZERO, 0.0),
             1
         );
+    }
+
+    #[test]
+    fn short_waits_still_spread() {
+        let distinct: std::collections::HashSet<u32> = (0..200)
+            .map(|_| jittered(Duration::from_millis(300), MAX))
+            .collect();
+        assert_eq!(distinct, [1, 2].into(), "base 1 answers 1 or 2");
+        assert_eq!(retry_after_seconds(Duration::from_secs(1), MAX, 0.49), 1);
+        assert_eq!(retry_after_seconds(Duration::from_secs(1), MAX, 0.5), 2);
     }
 
     #[test]

@@ -73,13 +73,12 @@ fn main() -> ExitCode {
         .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f)))
         .collect();
     if args.iter().any(|a| a == "--list") {
-        for (name, _) in &selected {
-            println!("{name}: test");
+        let names = selected.iter().map(|(name, _)| *name);
+        for name in [FAILED_UP].into_iter().chain(names).chain([DOWN]) {
+            if filters.is_empty() || filters.iter().any(|f| name.contains(f)) {
+                println!("{name}: test");
+            }
         }
-        return ExitCode::SUCCESS;
-    }
-    if selected.is_empty() {
-        println!("e2e: no test matches {filters:?}");
         return ExitCode::SUCCESS;
     }
     bulwark_e2e::install_crypto();
@@ -93,7 +92,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(selected)) {
+    match runtime.block_on(run(&filters, selected)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -135,25 +134,118 @@ fn reap_stale_clusters() {
     }
 }
 
-async fn run(selected: Vec<(&'static str, TestFn)>) -> anyhow::Result<bool> {
+/// Checks of the cluster tooling itself, run before and after the tests.
+const FAILED_UP: &str = "failed_up_stops_what_it_started";
+const DOWN: &str = "down_stops_every_process_and_frees_its_ports";
+
+/// Results as they come, printed like libtest's.
+#[derive(Default)]
+struct Report {
+    passed: usize,
+    failed: Vec<&'static str>,
+}
+
+impl Report {
+    fn record(&mut self, name: &'static str, took: Duration, result: Result<(), String>) {
+        let took = took.as_secs_f64();
+        match result {
+            Ok(()) => {
+                println!("test {name} ... ok ({took:.1}s)");
+                self.passed += 1;
+            }
+            Err(e) => {
+                println!("test {name} ... FAILED ({took:.1}s)\n    {e}");
+                self.failed.push(name);
+            }
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "panicked".to_owned())
+}
+
+/// A cluster whose `up` fails half-way (its webhook binary exits at once) must leave no
+/// process behind.
+async fn failed_up_stops_what_it_started(dir: &std::path::Path) -> Result<(), String> {
+    let result = Cluster::up(&Options {
+        dir: dir.to_path_buf(),
+        nodes: 1,
+        bulwark: Some("/bin/false".into()),
+    })
+    .await;
+    let err = match result {
+        Ok(_) => return Err("up succeeded with a webhook that exits".into()),
+        Err(e) => format!("{e:#}"),
+    };
+    if !err.contains("bulwark-webhook exited") {
+        return Err(format!("unexpected error: {err}"));
+    }
+    let left = Cluster::processes_in(dir);
+    let _ = std::fs::remove_dir_all(dir);
+    if left.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("processes left running: {left:?}"))
+    }
+}
+
+/// After `down`, no process of the cluster runs and every port it used is free again.
+fn down_left_nothing(state: &bulwark_e2e::State) -> Result<(), String> {
+    let left = Cluster::processes_in(&state.dir);
+    if !left.is_empty() {
+        return Err(format!("processes left running: {left:?}"));
+    }
+    let p = state.ports;
+    for port in [
+        p.etcd,
+        p.etcd_peer,
+        p.apiserver,
+        p.webhook,
+        p.webhook_metrics,
+        p.kwok,
+    ] {
+        std::net::TcpListener::bind(("127.0.0.1", port))
+            .map_err(|e| format!("port {port} still taken: {e}"))?;
+    }
+    Ok(())
+}
+
+async fn run(filters: &[&str], selected: Vec<(&'static str, TestFn)>) -> anyhow::Result<bool> {
+    let wanted = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f));
     bulwark_e2e::cluster::build_bulwark()?;
     reap_stale_clusters();
-    let dir = std::env::temp_dir().join(format!("{CLUSTER_DIR_PREFIX}{}", std::process::id()));
+    let base = format!("{CLUSTER_DIR_PREFIX}{}", std::process::id());
+    let dir = std::env::temp_dir().join(&base);
+    let start = Instant::now();
+    let mut report = Report::default();
+
+    if wanted(FAILED_UP) {
+        let t0 = Instant::now();
+        let scratch = std::env::temp_dir().join(format!("{base}-failed-up"));
+        let result = failed_up_stops_what_it_started(&scratch).await;
+        report.record(FAILED_UP, t0.elapsed(), result);
+    }
+
     println!(
         "\nrunning {} end-to-end tests (cluster in {})",
         selected.len(),
         dir.display()
     );
-    let start = Instant::now();
+    let t0 = Instant::now();
     let cluster = Cluster::up(&Options {
         dir: dir.clone(),
         nodes: 4,
+        bulwark: None,
     })
     .await?;
-    println!("cluster up in {:.1}s", start.elapsed().as_secs_f64());
+    println!("cluster up in {:.1}s", t0.elapsed().as_secs_f64());
     let client = cluster.client().await?;
     let mut ctx = Ctx::new(cluster, client);
-    let mut failed = Vec::new();
     for (name, test) in selected.iter() {
         let t0 = Instant::now();
         let outcome = AssertUnwindSafe(tokio::time::timeout(
@@ -166,42 +258,38 @@ async fn run(selected: Vec<(&'static str, TestFn)>) -> anyhow::Result<bool> {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(e))) => Err(format!("{e:#}")),
             Ok(Err(_)) => Err("timed out after 300s".to_owned()),
-            Err(panic) => Err(panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                .unwrap_or_else(|| "panicked".to_owned())),
+            Err(panic) => Err(panic_message(panic.as_ref())),
         };
         let cleanup = ctx.cleanup().await;
-        let took = t0.elapsed().as_secs_f64();
-        match result.and_then(|()| cleanup.map_err(|e| format!("cleaning up: {e:#}"))) {
-            Ok(()) => println!("test {name} ... ok ({took:.1}s)"),
-            Err(e) => {
-                println!("test {name} ... FAILED ({took:.1}s)\n    {e}");
-                failed.push(*name);
-            }
-        }
+        let result = result.and_then(|()| cleanup.map_err(|e| format!("cleaning up: {e:#}")));
+        report.record(name, t0.elapsed(), result);
     }
+
     let mut cluster = ctx.cluster;
+    let state = cluster.state.clone();
+    let t0 = Instant::now();
     cluster.down();
-    let ok = failed.is_empty();
-    if ok {
+    if wanted(DOWN) {
+        report.record(DOWN, t0.elapsed(), down_left_nothing(&state));
+    }
+
+    let total = report.passed + report.failed.len();
+    if report.failed.is_empty() {
         let _ = std::fs::remove_dir_all(&dir);
         println!(
-            "\ne2e result: ok. {} passed in {:.1}s",
-            selected.len(),
+            "\ne2e result: ok. {total} passed in {:.1}s",
             start.elapsed().as_secs_f64()
         );
+        Ok(true)
     } else {
         println!(
-            "\ne2e result: FAILED. {} of {} failed: {}; logs kept in {}",
-            failed.len(),
-            selected.len(),
-            failed.join(", "),
+            "\ne2e result: FAILED. {} of {total} failed: {}; logs kept in {}",
+            report.failed.len(),
+            report.failed.join(", "),
             dir.join("logs").display()
         );
+        Ok(false)
     }
-    Ok(ok)
 }
 
 const VALIDATE_DENIED: &str = "admission webhook \"validate.bulwark.io\" denied the request: ";
