@@ -370,33 +370,14 @@ impl Cluster {
     }
 
     /// Polls `probe` until it yields a value, failing early if any process has died.
-    async fn wait<T, F, Fut>(
-        &mut self,
-        what: &str,
-        limit: Duration,
-        mut probe: F,
-    ) -> anyhow::Result<T>
+    async fn wait<T, F, Fut>(&mut self, what: &str, limit: Duration, probe: F) -> anyhow::Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = anyhow::Result<Option<T>>>,
     {
-        let start = Instant::now();
-        let mut last = None;
-        loop {
-            for d in &mut self.daemons {
-                d.check()?;
-            }
-            match probe().await {
-                Ok(Some(v)) => return Ok(v),
-                Ok(None) => {}
-                Err(e) => last = Some(e),
-            }
-            if start.elapsed() > limit {
-                let why = last.map(|e| format!(": {e:#}")).unwrap_or_default();
-                bail!("{what}: not ready after {}s{why}", limit.as_secs());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let daemons = &mut self.daemons;
+        let any_dead = || daemons.iter_mut().try_for_each(Daemon::check);
+        crate::poll::until(limit, Duration::from_millis(200), what, any_dead, probe).await
     }
 
     async fn start(&mut self) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod objects;
 pub mod pki;
+pub mod poll;
 pub mod process;
 
 pub use cluster::{Cluster, Options, State};

@@ -65,6 +65,7 @@ impl RunDir {
             .spawn()
             .with_context(|| format!("starting {name} ({})", program.display()))?;
         let pid = child.id();
+        wait_for_exec(pid);
         fs::write(self.pid_file(name), format!("{pid}\n"))
             .with_context(|| format!("writing the pid file of {name}"))?;
         Ok(Daemon {
@@ -179,6 +180,18 @@ impl Daemon {
     }
 }
 
+/// `spawn` can return while the child still runs this program's image; until it has
+/// exec'd, its command line does not show whose it is (see [`RunDir::owns`]).
+fn wait_for_exec(pid: u32) {
+    let own = fs::read("/proc/self/cmdline").unwrap_or_default();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(1)
+        && fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == own)
+    {
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Alive and not a zombie.
 pub fn alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -204,7 +217,8 @@ mod tests {
     use super::*;
 
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("bulwark-process-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("bulwark-process-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
     }
@@ -213,14 +227,23 @@ mod tests {
     fn spawned_daemons_are_found_again_and_stopped() {
         let dir = scratch("spawn");
         let run = RunDir::new(&dir).unwrap();
-        // The directory appears on the command line, as with every cluster daemon.
-        let args = ["-c".to_owned(), "sleep 30".to_owned(), dir.display().to_string()];
+        // The directory appears on the command line, as with every cluster daemon. A loop,
+        // not a lone `sleep`, which the shell would exec, losing that command line.
+        let script = "trap 'exit 0' TERM; while :; do sleep 0.05; done";
+        let args = [
+            "-c".to_owned(),
+            script.to_owned(),
+            dir.display().to_string(),
+        ];
         let mut started = run.spawn("sleeper", Path::new("sh"), &args).unwrap();
         assert!(started.running());
 
         let mut found = run.recorded();
         assert_eq!(found.len(), 1);
-        assert_eq!((found[0].name.as_str(), found[0].pid), ("sleeper", started.pid));
+        assert_eq!(
+            (found[0].name.as_str(), found[0].pid),
+            ("sleeper", started.pid)
+        );
         run.stop(&mut found[0], Duration::from_secs(5));
         assert!(!started.running(), "SIGTERM ends it");
         assert!(run.recorded().is_empty(), "pid file removed");
@@ -250,7 +273,10 @@ mod tests {
             thread::sleep(Duration::from_millis(20));
         }
         let err = d.check().unwrap_err().to_string();
-        assert!(err.contains("broken exited") && err.contains("cannot start"), "{err}");
+        assert!(
+            err.contains("broken exited") && err.contains("cannot start"),
+            "{err}"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -630,13 +630,12 @@ async fn max_pods_counts_live_pods(ctx: &mut Ctx) -> anyhow::Result<()> {
         refused.message
     );
     ctx.delete_pod(&ns, "a").await?;
-    eventually(Duration::from_secs(10), "room after a deletion", || async {
-        Ok(ctx
-            .create(&ns, &pod("d", json!({})))
-            .await?
-            .is_admitted()
-            .then_some(()))
-    })
+    ctx.create_when_room(
+        &ns,
+        &pod("d", json!({})),
+        Duration::from_secs(10),
+        "room after a deletion",
+    )
     .await?;
     Ok(())
 }
@@ -662,13 +661,12 @@ async fn max_pending_counts_unscheduled_pods(ctx: &mut Ctx) -> anyhow::Result<()
     }
     assert_eq!(ctx.pending(Some(&ns)).await?, 3);
     ctx.delete_pod(&ns, "stuck-0").await?;
-    eventually(Duration::from_secs(10), "room after a deletion", || async {
-        Ok(ctx
-            .create(&ns, &unschedulable("stuck-3"))
-            .await?
-            .is_admitted()
-            .then_some(()))
-    })
+    ctx.create_when_room(
+        &ns,
+        &unschedulable("stuck-3"),
+        Duration::from_secs(10),
+        "room after a deletion",
+    )
     .await?;
     Ok(())
 }
@@ -738,16 +736,11 @@ async fn cluster_cap_with_one_node(ctx: &mut Ctx) -> anyhow::Result<()> {
     for i in 1..ctx.state().nodes {
         set_cordon(ctx, &format!("kwok-node-{i}"), false).await?;
     }
-    eventually(
+    ctx.create_when_room(
+        &ns,
+        &unschedulable("wait-30"),
         Duration::from_secs(5),
         "a larger cap once nodes return",
-        || async {
-            Ok(ctx
-                .create(&ns, &unschedulable("wait-30"))
-                .await?
-                .is_admitted()
-                .then_some(()))
-        },
     )
     .await?;
     Ok(())

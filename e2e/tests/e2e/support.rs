@@ -176,6 +176,23 @@ impl Ctx {
         }
     }
 
+    /// Creates the pod as soon as bulwark lets it in, trying again while it is refused.
+    pub async fn create_when_room(
+        &self,
+        ns: &str,
+        pod: &Pod,
+        limit: Duration,
+        what: &str,
+    ) -> anyhow::Result<Pod> {
+        eventually(limit, what, || async {
+            Ok(match self.create(ns, pod).await? {
+                Created::Pod(p) => Some(*p),
+                Created::Refused(_) => None,
+            })
+        })
+        .await
+    }
+
     pub async fn delete_pod(&self, ns: &str, name: &str) -> anyhow::Result<()> {
         self.pods(ns)
             .delete(name, &DeleteParams::default().grace_period(0))
@@ -286,25 +303,10 @@ pub struct Kubectl {
 }
 
 /// Polls `probe` every 100 ms until it yields a value; errors count as "not yet".
-pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut probe: F) -> anyhow::Result<T>
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, probe: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<Option<T>>>,
 {
-    let start = Instant::now();
-    let mut last = None;
-    loop {
-        match probe().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = Some(e),
-        }
-        if start.elapsed() > limit {
-            let why = last
-                .map(|e| format!(" (last error: {e:#})"))
-                .unwrap_or_default();
-            bail!("{what}: not within {:.1}s{why}", limit.as_secs_f64());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    bulwark_e2e::poll::until(limit, Duration::from_millis(100), what, || Ok(()), probe).await
 }
