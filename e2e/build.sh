@@ -10,7 +10,7 @@ set -euo pipefail
 # A Go older than a module's `go` line fetches the matching toolchain from the module proxy
 # (distribution packages often pin GOTOOLCHAIN=local).
 export GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
-command -v go >/dev/null 2>&1 || { echo "e2e/build.sh: needs the go tool on PATH" >&2; exit 1; }
+need_go() { command -v go >/dev/null 2>&1 || { echo "e2e/build.sh: building $1 needs the go tool on PATH" >&2; exit 1; }; }
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${BULWARK_CACHE:-$HOME/.cache/bulwark}
 k8s=$(sed -n 's/^require k8s.io\/kubernetes //p' "$here/controlplane/go.mod")
@@ -26,6 +26,7 @@ cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 missing=()
 for c in "${cmds[@]}"; do stamp "$c" "$k8s" || missing+=("k8s.io/kubernetes/cmd/$c"); done
 if [ "${#missing[@]}" -gt 0 ]; then
+  need_go "Kubernetes $k8s"
   echo "building Kubernetes $k8s: ${missing[*]##*/}" >&2
   # Stamp the release version as Kubernetes' own build does (hack/lib/version.sh), so
   # /version, kubectl and version-skew checks see v1.X.Y rather than v0.0.0-master.
@@ -38,11 +39,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   for c in "${cmds[@]}"; do mark "$c" "$k8s"; done
 fi
 if ! stamp etcd "$etcd"; then
+  need_go "etcd $etcd"
   echo "building etcd $etcd" >&2
   (cd "$here/etcd" && go build -trimpath -ldflags='-s -w' -o "$bin/etcd" .)
   mark etcd "$etcd"
 fi
 if ! stamp kwok "$kwok"; then
+  need_go "kwok $kwok"
   echo "building kwok $kwok" >&2
   GOBIN="$bin" go install "sigs.k8s.io/kwok/cmd/kwok@$kwok"
   mark kwok "$kwok"

@@ -42,15 +42,39 @@ maxRetryAfterSeconds: 1
 reservationTtlSeconds: 30
 ";
 
-/// Start order; `down` stops in reverse.
-const COMPONENTS: [&str; 6] = [
-    "etcd",
-    "kube-apiserver",
-    "kube-controller-manager",
-    "kube-scheduler",
-    "kwok",
-    "bulwark-webhook",
-];
+/// The processes of a cluster, in start order; `down` stops them in reverse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    Etcd,
+    Apiserver,
+    ControllerManager,
+    Scheduler,
+    Kwok,
+    Webhook,
+}
+
+impl Component {
+    pub const ALL: [Component; 6] = [
+        Component::Etcd,
+        Component::Apiserver,
+        Component::ControllerManager,
+        Component::Scheduler,
+        Component::Kwok,
+        Component::Webhook,
+    ];
+
+    /// Its name in logs, pid files and messages; for the control plane, also its binary's.
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::Etcd => "etcd",
+            Component::Apiserver => "kube-apiserver",
+            Component::ControllerManager => "kube-controller-manager",
+            Component::Scheduler => "kube-scheduler",
+            Component::Kwok => "kwok",
+            Component::Webhook => "bulwark-webhook",
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -134,13 +158,13 @@ impl State {
         )
     }
 
-    fn args(&self, component: &str) -> Vec<String> {
+    fn args(&self, component: Component) -> Vec<String> {
         let p = self.pki();
         let d = |path: &Path| path.display().to_string();
         let kubeconfig = |who| d(&pki::kubeconfig_path(&self.dir, who));
         let ports = self.ports;
         let args: Vec<String> = match component {
-            "etcd" => vec![
+            Component::Etcd => vec![
                 format!("--name=e2e"),
                 format!("--data-dir={}", d(&self.dir.join("etcd"))),
                 format!("--listen-client-urls=http://127.0.0.1:{}", ports.etcd),
@@ -155,7 +179,7 @@ impl State {
                 "--unsafe-no-fsync".into(),
                 "--log-level=warn".into(),
             ],
-            "kube-apiserver" => vec![
+            Component::Apiserver => vec![
                 format!("--etcd-servers=http://127.0.0.1:{}", ports.etcd),
                 "--bind-address=127.0.0.1".into(),
                 "--advertise-address=127.0.0.1".into(),
@@ -182,7 +206,7 @@ impl State {
                 // minute for them: a restart then takes seconds, as in a real rolling restart.
                 "--shutdown-watch-termination-grace-period=2s".into(),
             ],
-            "kube-controller-manager" => vec![
+            Component::ControllerManager => vec![
                 format!("--kubeconfig={}", kubeconfig(Identity::ControllerManager)),
                 "--use-service-account-credentials=true".into(),
                 format!(
@@ -193,12 +217,12 @@ impl State {
                 "--leader-elect=false".into(),
                 "--secure-port=0".into(),
             ],
-            "kube-scheduler" => vec![
+            Component::Scheduler => vec![
                 format!("--kubeconfig={}", kubeconfig(Identity::Scheduler)),
                 "--leader-elect=false".into(),
                 "--secure-port=0".into(),
             ],
-            "kwok" => vec![
+            Component::Kwok => vec![
                 format!("--kubeconfig={}", kubeconfig(Identity::Kwok)),
                 format!("--config={}", d(&self.dir.join("kwok.yaml"))),
                 "--manage-all-nodes=false".into(),
@@ -208,7 +232,7 @@ impl State {
                 "--cidr=10.244.0.1/16".into(),
                 format!("--server-address=127.0.0.1:{}", ports.kwok),
             ],
-            "bulwark-webhook" => vec![
+            Component::Webhook => vec![
                 "webhook".into(),
                 format!("--listen=127.0.0.1:{}", ports.webhook),
                 format!("--metrics-listen=127.0.0.1:{}", ports.webhook_metrics),
@@ -217,15 +241,14 @@ impl State {
                 format!("--config={}", d(&self.dir.join("bulwark.yaml"))),
                 format!("--kubeconfig={}", kubeconfig(Identity::Webhook)),
             ],
-            other => unreachable!("unknown component {other}"),
         };
         args
     }
 
-    fn program(&self, component: &str) -> PathBuf {
+    fn program(&self, component: Component) -> PathBuf {
         match component {
-            "bulwark-webhook" => self.bulwark.clone(),
-            other => self.bin_dir.join(other),
+            Component::Webhook => self.bulwark.clone(),
+            other => self.bin_dir.join(other.name()),
         }
     }
 }
@@ -306,7 +329,7 @@ impl Cluster {
             .with_context(|| format!("{} is not a cluster state file", path.display()))?;
         let run = RunDir::new(&state.dir)?;
         let mut daemons = run.recorded();
-        daemons.sort_by_key(|d| COMPONENTS.iter().position(|c| *c == d.name));
+        daemons.sort_by_key(|d| Component::ALL.iter().position(|c| c.name() == d.name));
         Ok(Cluster {
             state,
             run,
@@ -359,12 +382,16 @@ impl Cluster {
         client_from(&self.state.kubeconfig()).await
     }
 
-    fn spawn(&mut self, component: &str) -> anyhow::Result<()> {
-        let daemon = self.run.spawn(
-            component,
+    fn start_process(&self, component: Component) -> anyhow::Result<Daemon> {
+        self.run.spawn(
+            component.name(),
             &self.state.program(component),
             &self.state.args(component),
-        )?;
+        )
+    }
+
+    fn spawn(&mut self, component: Component) -> anyhow::Result<()> {
+        let daemon = self.start_process(component)?;
         self.daemons.push(daemon);
         Ok(())
     }
@@ -389,7 +416,7 @@ impl Cluster {
         std::fs::write(dir.join("kwok.yaml"), KWOK_STAGES).context("writing kwok.yaml")?;
 
         step("starting etcd");
-        self.spawn("etcd")?;
+        self.spawn(Component::Etcd)?;
         let etcd = self.state.ports.etcd;
         self.wait("etcd", Duration::from_secs(30), || async move {
             Ok(plain_get(etcd, "/health")?
@@ -399,11 +426,15 @@ impl Cluster {
         .await?;
 
         step("starting kube-apiserver");
-        self.spawn("kube-apiserver")?;
+        self.spawn(Component::Apiserver)?;
         let client = self.wait_apiserver().await?;
 
         step("starting kube-controller-manager, kube-scheduler, kwok");
-        for c in ["kube-controller-manager", "kube-scheduler", "kwok"] {
+        for c in [
+            Component::ControllerManager,
+            Component::Scheduler,
+            Component::Kwok,
+        ] {
             self.spawn(c)?;
         }
         let pp = PatchParams::apply("bulwark-e2e").force();
@@ -447,7 +478,7 @@ impl Cluster {
         .await?;
 
         step("starting bulwark webhook");
-        self.spawn("bulwark-webhook")?;
+        self.spawn(Component::Webhook)?;
         let probe = webhook_probe_client(&self.state.webhook_url(), &pki.webhook_ca_cert).await?;
         self.wait("bulwark webhook /readyz", Duration::from_secs(60), || {
             let probe = probe.clone();
@@ -500,18 +531,14 @@ impl Cluster {
         let index = self
             .daemons
             .iter()
-            .position(|d| d.name == "kube-apiserver")
+            .position(|d| d.name == Component::Apiserver.name())
             .context("kube-apiserver is not running")?;
         let mut apiserver = self.daemons.remove(index);
         let signalled = Instant::now();
         self.run.stop(&mut apiserver, Duration::from_secs(30));
         let stopped = Instant::now();
         tokio::time::sleep(downtime).await;
-        let daemon = self.run.spawn(
-            "kube-apiserver",
-            &self.state.program("kube-apiserver"),
-            &self.state.args("kube-apiserver"),
-        )?;
+        let daemon = self.start_process(Component::Apiserver)?;
         self.daemons.insert(index, daemon);
         self.wait_apiserver().await?;
         Ok(Restart {
@@ -522,8 +549,8 @@ impl Cluster {
     }
 
     /// The log file of a component.
-    pub fn log(&self, component: &str) -> PathBuf {
-        self.run.log(component)
+    pub fn log(&self, component: Component) -> PathBuf {
+        self.run.log(component.name())
     }
 }
 

@@ -18,7 +18,10 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
-use bulwark_e2e::{Cluster, Options, cluster::DEFAULTED_ANNOTATION};
+use bulwark_e2e::{
+    Cluster, Options,
+    cluster::{Component, DEFAULTED_ANNOTATION},
+};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::{
     batch::v1::Job,
@@ -998,7 +1001,7 @@ async fn watches_resume_after_apiserver_restart(ctx: &mut Ctx) -> anyhow::Result
         caught_up.as_secs_f64(),
         (deleted + caught_up - ready).as_secs_f64()
     );
-    let log = std::fs::read_to_string(ctx.cluster.log("bulwark-webhook"))?;
+    let log = std::fs::read_to_string(ctx.cluster.log(Component::Webhook))?;
     ensure!(
         log.contains("watch failed; retrying with back-off"),
         "the webhook never noticed the API server going away"
