@@ -45,6 +45,8 @@ pub struct Config {
     pub reservation_ttl: Duration,
     /// Upper bound of `retryAfterSeconds`, before jitter.
     pub max_retry_after: Duration,
+    /// `bulwark node-controller`'s settings.
+    pub node_controller: crate::nodes::Settings,
 }
 
 impl Default for Config {
@@ -63,6 +65,7 @@ impl Default for Config {
             workflow_reserved_percent: 20,
             reservation_ttl: Duration::from_secs(30),
             max_retry_after: Duration::from_secs(30),
+            node_controller: crate::nodes::Settings::default(),
         }
     }
 }
@@ -101,6 +104,24 @@ struct RawConfig {
     workflow_reserved_share: Option<Scalar>,
     reservation_ttl_seconds: Option<Scalar>,
     max_retry_after_seconds: Option<Scalar>,
+    #[serde(default)]
+    node_controller: RawNodeController,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawNodeController {
+    grace: Option<Scalar>,
+    remove_after: Option<Scalar>,
+    recover_after: Option<Scalar>,
+    lease_stale_after: Option<Scalar>,
+    storm_cooldown: Option<Scalar>,
+    removal_interval: Option<Scalar>,
+    max_unhealthy: Option<Scalar>,
+    extra_conditions: Option<Vec<String>>,
+    removal: Option<Scalar>,
+    removal_command: Option<Vec<String>>,
+    max_pods_per_node: Option<Scalar>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -209,6 +230,7 @@ impl Config {
         if let Some(v) = &raw.max_retry_after_seconds {
             config.max_retry_after = seconds("maxRetryAfterSeconds", v, 1)?;
         }
+        parse_node_controller(&raw.node_controller, &mut config.node_controller, &bad)?;
         Ok(config)
     }
 
@@ -217,10 +239,145 @@ impl Config {
     }
 }
 
+fn parse_node_controller(
+    raw: &RawNodeController,
+    s: &mut crate::nodes::Settings,
+    bad: &dyn Fn(&str, &Scalar, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    use crate::nodes::{Removal, parse_duration, parse_max_unhealthy};
+    let duration = |key: &str, value: &Option<Scalar>, into: &mut Duration| {
+        if let Some(v) = value {
+            *into = parse_duration(&v.text())
+                .map_err(|e| bad(&format!("nodeController.{key}"), v, e))?;
+        }
+        Ok::<(), ConfigError>(())
+    };
+    let t = &mut s.timing;
+    duration("grace", &raw.grace, &mut t.grace)?;
+    duration("removeAfter", &raw.remove_after, &mut t.remove_after)?;
+    duration("recoverAfter", &raw.recover_after, &mut t.recover_after)?;
+    duration("stormCooldown", &raw.storm_cooldown, &mut t.storm_cooldown)?;
+    duration(
+        "removalInterval",
+        &raw.removal_interval,
+        &mut t.removal_interval,
+    )?;
+    duration(
+        "leaseStaleAfter",
+        &raw.lease_stale_after,
+        &mut s.signals.lease_stale_after,
+    )?;
+    if let Some(v) = &raw.max_unhealthy {
+        t.max_unhealthy =
+            parse_max_unhealthy(&v.text()).map_err(|e| bad("nodeController.maxUnhealthy", v, e))?;
+    }
+    if let Some(extra) = &raw.extra_conditions {
+        for c in extra {
+            if !s.signals.conditions.contains(c) {
+                s.signals.conditions.push(c.clone());
+            }
+        }
+    }
+    if let Some(v) = &raw.max_pods_per_node {
+        s.max_pods_per_node = v
+            .text()
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                bad(
+                    "nodeController.maxPodsPerNode",
+                    v,
+                    "expected a whole number above 0".into(),
+                )
+            })?;
+    }
+    let command = raw.removal_command.clone().unwrap_or_default();
+    if let Some(v) = &raw.removal {
+        s.removal = match v.text().trim() {
+            "annotate" => Removal::Annotate,
+            "delete-node" => Removal::DeleteNode,
+            "cluster-api" => Removal::ClusterApi,
+            "exec" if !command.is_empty() => Removal::Exec(command.clone()),
+            "exec" => {
+                return Err(bad(
+                    "nodeController.removal",
+                    v,
+                    "exec needs nodeController.removalCommand, e.g. [/bin/notify-asg]".into(),
+                ));
+            }
+            _ => {
+                return Err(bad(
+                    "nodeController.removal",
+                    v,
+                    "expected annotate, delete-node, cluster-api or exec".into(),
+                ));
+            }
+        };
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::policy::Mode;
+
+    #[test]
+    fn node_controller_section() {
+        let c = Config::parse(
+            r#"
+nodeController:
+  grace: 30s
+  removeAfter: 5m
+  recoverAfter: 90s
+  leaseStaleAfter: 20s
+  stormCooldown: 1m
+  removalInterval: 10m
+  maxUnhealthy: 2
+  extraConditions: [GPUUnhealthy, KernelDeadlock]
+  removal: exec
+  removalCommand: [/bin/notify, --asg]
+  maxPodsPerNode: 110
+"#,
+            "t.yaml",
+        )
+        .unwrap();
+        let n = &c.node_controller;
+        assert_eq!(n.timing.grace, Duration::from_secs(30));
+        assert_eq!(n.timing.remove_after, Duration::from_secs(300));
+        assert_eq!(n.timing.recover_after, Duration::from_secs(90));
+        assert_eq!(n.signals.lease_stale_after, Duration::from_secs(20));
+        assert_eq!(n.timing.max_unhealthy, crate::nodes::MaxUnhealthy::Count(2));
+        assert_eq!(n.signals.conditions.len(), 8, "one new, one already known");
+        assert_eq!(
+            n.removal,
+            crate::nodes::Removal::Exec(vec!["/bin/notify".into(), "--asg".into()])
+        );
+        assert_eq!(n.max_pods_per_node, 110);
+
+        for (yaml, key) in [
+            ("nodeController:\n  grace: soon\n", "nodeController.grace"),
+            (
+                "nodeController:\n  removal: exec\n",
+                "nodeController.removal",
+            ),
+            (
+                "nodeController:\n  removal: reboot\n",
+                "nodeController.removal",
+            ),
+            (
+                "nodeController:\n  maxUnhealthy: 140%\n",
+                "nodeController.maxUnhealthy",
+            ),
+        ] {
+            let err = Config::parse(yaml, "t.yaml").unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        let err = Config::parse("nodeController:\n  graceful: 1s\n", "t.yaml").unwrap_err();
+        assert!(err.to_string().contains("graceful"), "{err}");
+    }
 
     #[test]
     fn full_config() {

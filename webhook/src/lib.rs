@@ -10,6 +10,7 @@ pub mod defaults;
 pub mod jitter;
 pub mod ledger;
 pub mod metrics;
+pub mod nodes;
 pub mod pod;
 pub mod policy;
 pub mod quantity;

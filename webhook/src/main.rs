@@ -42,8 +42,36 @@ enum LogFormat {
 enum Command {
     /// Serve the mutating and validating admission webhooks over HTTPS.
     Webhook(WebhookArgs),
+    /// Watch node health; taint unhealthy nodes and mark them for removal (one acting
+    /// replica, elected on a Lease).
+    NodeController(NodeControllerArgs),
     /// Generate a CA and a serving certificate for the webhook.
     Certs(CertsArgs),
+}
+
+#[derive(Parser)]
+struct NodeControllerArgs {
+    /// YAML file; its `nodeController:` section holds the knobs (see README).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// kubeconfig to reach the API server; default: in-cluster config, then $KUBECONFIG.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Decide and report (log, Events, metrics) but change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Address for plain-HTTP /metrics and /healthz.
+    #[arg(long, default_value = "0.0.0.0:9091")]
+    metrics_listen: SocketAddr,
+    /// Namespace of the leader-election Lease (default: $POD_NAMESPACE, else bulwark-system).
+    #[arg(long)]
+    lease_namespace: Option<String>,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "bulwark-node-controller")]
+    lease_name: String,
+    /// This replica's identity in the Lease (default: $POD_NAME, else host name and pid).
+    #[arg(long)]
+    identity: Option<String>,
 }
 
 #[derive(Parser)]
@@ -113,11 +141,10 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Certs(args) => certs(args),
-        Command::Webhook(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("starting the async runtime")
-            .and_then(|rt| rt.block_on(webhook(args))),
+        Command::Webhook(args) => runtime().and_then(|rt| rt.block_on(webhook(args))),
+        Command::NodeController(args) => {
+            runtime().and_then(|rt| rt.block_on(node_controller(args)))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -126,6 +153,51 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn env_or(var: &str, fallback: impl FnOnce() -> String) -> String {
+    std::env::var(var)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(fallback)
+}
+
+async fn node_controller(args: NodeControllerArgs) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    // Its writes retry on their own (jittered, honouring Retry-After); no second layer.
+    let client = kube_client(args.kubeconfig, false).await?;
+    let identity = args.identity.unwrap_or_else(|| {
+        env_or("POD_NAME", || {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "bulwark".into());
+            format!("{host}-{}", std::process::id())
+        })
+    });
+    let opts = bulwark::nodes::controller::Options {
+        settings: config.node_controller,
+        dry_run: args.dry_run,
+        identity,
+        lease_namespace: args
+            .lease_namespace
+            .unwrap_or_else(|| env_or("POD_NAMESPACE", || "bulwark-system".into())),
+        lease_name: args.lease_name,
+    };
+    bulwark::nodes::controller::run(client, opts, Some(args.metrics_listen), shutdown_signal())
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
 }
 
 fn certs(args: CertsArgs) -> anyhow::Result<()> {
@@ -146,8 +218,8 @@ fn certs(args: CertsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn kube_client(kubeconfig: Option<PathBuf>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
+async fn kube_client(kubeconfig: Option<PathBuf>, retry: bool) -> anyhow::Result<kube::Client> {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(&path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -159,6 +231,7 @@ async fn kube_client(kubeconfig: Option<PathBuf>) -> anyhow::Result<kube::Client
             .await
             .context("no in-cluster config or kubeconfig found (use --kubeconfig or --offline)")?,
     };
+    config.default_retry = retry;
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
@@ -181,7 +254,7 @@ async fn webhook(args: WebhookArgs) -> anyhow::Result<()> {
     if args.offline {
         tracing::info!("offline: no API server; policy from config, counts from own admissions");
     } else {
-        let client = kube_client(args.kubeconfig).await?;
+        let client = kube_client(args.kubeconfig, true).await?;
         watch::spawn(
             client,
             app.cache.clone(),
