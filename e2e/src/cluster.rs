@@ -13,7 +13,10 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Namespace, Node, Pod, ServiceAccount},
+};
 use kube::{
     Api, Client, Resource,
     api::{Patch, PatchParams, PostParams},
@@ -33,13 +36,22 @@ const KWOK_STAGES: &str = include_str!("../kwok/stages.yaml");
 pub const DEFAULTED_ANNOTATION: &str = "bulwark.io/defaulted";
 
 /// bulwark's configuration in the e2e cluster. Retry hints are kept short (1-2 s) so that
-/// client retries (kubectl, the Job controller) play out within a test's time.
+/// client retries (kubectl, the Job controller) play out within a test's time, and the node
+/// controller's clock runs in seconds rather than minutes.
 const BULWARK_CONFIG: &str = "\
 cluster:
   maxPendingPods: 5000
   pendingPerHealthyNode: 30
 maxRetryAfterSeconds: 1
 reservationTtlSeconds: 30
+nodeController:
+  grace: 2s
+  removeAfter: 5s
+  recoverAfter: 3s
+  leaseStaleAfter: 6s
+  stormCooldown: 5s
+  removalInterval: 1s
+  maxUnhealthy: 40%
 ";
 
 /// The processes of a cluster, in start order; `down` stops them in reverse.
@@ -51,16 +63,18 @@ pub enum Component {
     Scheduler,
     Kwok,
     Webhook,
+    NodeController,
 }
 
 impl Component {
-    pub const ALL: [Component; 6] = [
+    pub const ALL: [Component; 7] = [
         Component::Etcd,
         Component::Apiserver,
         Component::ControllerManager,
         Component::Scheduler,
         Component::Kwok,
         Component::Webhook,
+        Component::NodeController,
     ];
 
     /// Its name in logs, pid files and messages; for the control plane, also its binary's.
@@ -72,6 +86,7 @@ impl Component {
             Component::Scheduler => "kube-scheduler",
             Component::Kwok => "kwok",
             Component::Webhook => "bulwark-webhook",
+            Component::NodeController => "bulwark-node-controller",
         }
     }
 }
@@ -92,12 +107,13 @@ pub struct Ports {
     pub webhook: u16,
     pub webhook_metrics: u16,
     pub kwok: u16,
+    pub node_controller_metrics: u16,
 }
 
 impl Ports {
     /// Free ports, asked of the kernel all at once so that none repeats.
     fn pick() -> anyhow::Result<Ports> {
-        let listeners = (0..6)
+        let listeners = (0..7)
             .map(|_| TcpListener::bind("127.0.0.1:0"))
             .collect::<Result<Vec<_>, _>>()
             .context("finding free ports on 127.0.0.1")?;
@@ -109,6 +125,7 @@ impl Ports {
             webhook: port(3)?,
             webhook_metrics: port(4)?,
             kwok: port(5)?,
+            node_controller_metrics: port(6)?,
         })
     }
 }
@@ -227,10 +244,22 @@ impl State {
                 format!("--config={}", d(&self.dir.join("kwok.yaml"))),
                 "--manage-all-nodes=false".into(),
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
-                "--node-lease-duration-seconds=40".into(),
+                // Renewed every 2 s; the node controller calls a lease stale after 6 s.
+                "--node-lease-duration-seconds=8".into(),
                 "--node-ip=127.0.0.1".into(),
                 "--cidr=10.244.0.1/16".into(),
                 format!("--server-address=127.0.0.1:{}", ports.kwok),
+            ],
+            Component::NodeController => vec![
+                "node-controller".into(),
+                format!(
+                    "--metrics-listen=127.0.0.1:{}",
+                    ports.node_controller_metrics
+                ),
+                format!("--config={}", d(&self.dir.join("bulwark.yaml"))),
+                format!("--kubeconfig={}", kubeconfig(Identity::NodeController)),
+                "--lease-namespace=bulwark-system".into(),
+                "--identity=e2e-primary".into(),
             ],
             Component::Webhook => vec![
                 "webhook".into(),
@@ -247,7 +276,7 @@ impl State {
 
     fn program(&self, component: Component) -> PathBuf {
         match component {
-            Component::Webhook => self.bulwark.clone(),
+            Component::Webhook | Component::NodeController => self.bulwark.clone(),
             other => self.bin_dir.join(other.name()),
         }
     }
@@ -446,9 +475,10 @@ impl Cluster {
                 .await
                 .with_context(|| format!("creating node kwok-node-{i}"))?;
         }
-        let (role, binding) = objects::webhook_rbac();
-        apply(&client, &role, &pp).await?;
-        apply(&client, &binding, &pp).await?;
+        for (role, binding) in [objects::webhook_rbac(), objects::node_controller_rbac()] {
+            apply(&client, &role, &pp).await?;
+            apply(&client, &binding, &pp).await?;
+        }
         let ns = Namespace {
             metadata: kube::api::ObjectMeta {
                 name: Some("bulwark-system".into()),
@@ -509,6 +539,23 @@ impl Cluster {
             }
         })
         .await?;
+        step("starting bulwark node-controller");
+        self.spawn(Component::NodeController)?;
+        let c = client.clone();
+        self.wait(
+            "node-controller leadership",
+            Duration::from_secs(30),
+            || {
+                let c = c.clone();
+                async move {
+                    Ok(lease_holder(&c)
+                        .await?
+                        .filter(|h| h == "e2e-primary")
+                        .map(|_| ()))
+                }
+            },
+        )
+        .await?;
         step("ready");
         Ok(())
     }
@@ -548,6 +595,49 @@ impl Cluster {
         })
     }
 
+    /// Stops the processes recorded under `name` (a component's name, or an extra's);
+    /// `kill` sends SIGKILL at once, as a crash would.
+    pub fn stop_named(&mut self, name: &str, kill: bool) -> bool {
+        let Some(index) = self.daemons.iter().position(|d| d.name == name) else {
+            return false;
+        };
+        let mut daemon = self.daemons.remove(index);
+        let grace = if kill {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(10)
+        };
+        self.run.stop(&mut daemon, grace);
+        true
+    }
+
+    /// Starts a component again after [`Cluster::stop_named`].
+    pub fn start_component(&mut self, component: Component) -> anyhow::Result<()> {
+        self.spawn(component)
+    }
+
+    /// Another `bulwark node-controller` next to the cluster's own (a standby, or a dry run),
+    /// as `name`, with its own identity and `extra` flags; stopped by `down`.
+    pub fn spawn_node_controller(
+        &mut self,
+        name: &str,
+        identity: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
+        let mut args: Vec<String> = self
+            .state
+            .args(Component::NodeController)
+            .into_iter()
+            .filter(|a| !a.starts_with("--identity=") && !a.starts_with("--metrics-listen="))
+            .collect();
+        args.push(format!("--identity={identity}"));
+        args.push("--metrics-listen=127.0.0.1:0".into());
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let daemon = self.run.spawn(name, &self.state.bulwark, &args)?;
+        self.daemons.push(daemon);
+        Ok(())
+    }
+
     /// The log file of a component.
     pub fn log(&self, component: Component) -> PathBuf {
         self.run.log(component.name())
@@ -560,6 +650,19 @@ impl Drop for Cluster {
             self.down();
         }
     }
+}
+
+/// The node controller's leader-election Lease.
+pub const NODE_CONTROLLER_LEASE: &str = "bulwark-node-controller";
+
+/// Who holds the node controller's Lease.
+pub async fn lease_holder(client: &Client) -> anyhow::Result<Option<String>> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "bulwark-system");
+    Ok(leases
+        .get_opt(NODE_CONTROLLER_LEASE)
+        .await?
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity))
 }
 
 fn node_ready(node: &Node) -> bool {

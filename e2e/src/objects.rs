@@ -20,6 +20,8 @@ use k8s_openapi::{
 
 /// The identity (client certificate common name) bulwark's webhook runs as.
 pub const WEBHOOK_USER: &str = "bulwark-webhook";
+/// The identity bulwark's node controller runs as.
+pub const NODE_CONTROLLER_USER: &str = "bulwark-node-controller";
 /// Registered webhook names: what kubectl shows in "admission webhook ... denied the request".
 pub const MUTATE_WEBHOOK: &str = "mutate.bulwark.io";
 pub const VALIDATE_WEBHOOK: &str = "validate.bulwark.io";
@@ -81,47 +83,78 @@ pub fn kwok_node(index: u32) -> Node {
     }
 }
 
-/// Read access to what the webhook caches, and Events for invalid annotations.
-pub fn webhook_rbac() -> (ClusterRole, ClusterRoleBinding) {
-    let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| PolicyRule {
+fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
         api_groups: Some(strings(groups)),
         resources: Some(strings(resources)),
         verbs: strings(verbs),
         ..PolicyRule::default()
+    }
+}
+
+/// A ClusterRole with `rules`, bound to the user of the same name.
+fn role_for_user(user: &str, rules: Vec<PolicyRule>) -> (ClusterRole, ClusterRoleBinding) {
+    let meta = ObjectMeta {
+        name: Some(user.to_owned()),
+        ..ObjectMeta::default()
     };
     let role = ClusterRole {
-        metadata: ObjectMeta {
-            name: Some(WEBHOOK_USER.to_owned()),
-            ..ObjectMeta::default()
+        metadata: meta.clone(),
+        rules: Some(rules),
+        ..ClusterRole::default()
+    };
+    let binding = ClusterRoleBinding {
+        metadata: meta,
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".to_owned(),
+            kind: "ClusterRole".to_owned(),
+            name: user.to_owned(),
         },
-        rules: Some(vec![
+        subjects: Some(vec![Subject {
+            api_group: Some("rbac.authorization.k8s.io".to_owned()),
+            kind: "User".to_owned(),
+            name: user.to_owned(),
+            ..Subject::default()
+        }]),
+    };
+    (role, binding)
+}
+
+/// Read access to what the webhook caches, and Events for invalid annotations.
+pub fn webhook_rbac() -> (ClusterRole, ClusterRoleBinding) {
+    role_for_user(
+        WEBHOOK_USER,
+        vec![
             rule(
                 &[""],
                 &["pods", "namespaces", "nodes"],
                 &["get", "list", "watch"],
             ),
             rule(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
-        ]),
-        ..ClusterRole::default()
-    };
-    let binding = ClusterRoleBinding {
-        metadata: ObjectMeta {
-            name: Some(WEBHOOK_USER.to_owned()),
-            ..ObjectMeta::default()
-        },
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".to_owned(),
-            kind: "ClusterRole".to_owned(),
-            name: WEBHOOK_USER.to_owned(),
-        },
-        subjects: Some(vec![Subject {
-            api_group: Some("rbac.authorization.k8s.io".to_owned()),
-            kind: "User".to_owned(),
-            name: WEBHOOK_USER.to_owned(),
-            ..Subject::default()
-        }]),
-    };
-    (role, binding)
+        ],
+    )
+}
+
+/// Nodes to watch, taint, mark and (action delete-node) delete; node Leases to read; its own
+/// leader Lease; Events; Cluster API Machines to annotate (action cluster-api).
+pub fn node_controller_rbac() -> (ClusterRole, ClusterRoleBinding) {
+    role_for_user(
+        NODE_CONTROLLER_USER,
+        vec![
+            rule(
+                &[""],
+                &["nodes"],
+                &["get", "list", "watch", "update", "patch", "delete"],
+            ),
+            rule(
+                &["coordination.k8s.io"],
+                &["leases"],
+                &["get", "list", "watch", "create", "update"],
+            ),
+            rule(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
+            rule(&["cluster.x-k8s.io"], &["machines"], &["get", "patch"]),
+        ],
+    )
 }
 
 fn pods_create() -> Option<Vec<RuleWithOperations>> {

@@ -14,7 +14,7 @@ use anyhow::Context;
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use bulwark_certs::{Ca, Pair, write_pem};
 
-use crate::objects::WEBHOOK_USER;
+use crate::objects::{NODE_CONTROLLER_USER, WEBHOOK_USER};
 
 /// The cluster IP of the `kubernetes` Service: first address of the service range.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
@@ -61,15 +61,17 @@ pub enum Identity {
     Scheduler,
     Kwok,
     Webhook,
+    NodeController,
 }
 
 impl Identity {
-    pub const ALL: [Identity; 5] = [
+    pub const ALL: [Identity; 6] = [
         Identity::Admin,
         Identity::ControllerManager,
         Identity::Scheduler,
         Identity::Kwok,
         Identity::Webhook,
+        Identity::NodeController,
     ];
 
     pub fn file_stem(self) -> &'static str {
@@ -79,6 +81,7 @@ impl Identity {
             Identity::Scheduler => "scheduler",
             Identity::Kwok => "kwok",
             Identity::Webhook => "webhook",
+            Identity::NodeController => "node-controller",
         }
     }
 
@@ -90,6 +93,7 @@ impl Identity {
             // kwok stands in for every kubelet, writing node and pod status of all nodes.
             Identity::Kwok => ("kwok", &["system:masters"]),
             Identity::Webhook => (WEBHOOK_USER, &[]),
+            Identity::NodeController => (NODE_CONTROLLER_USER, &[]),
         }
     }
 }

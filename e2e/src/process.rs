@@ -123,10 +123,13 @@ impl RunDir {
                 .any(|arg| String::from_utf8_lossy(arg).contains(root.as_ref()))
     }
 
-    /// SIGTERM, then SIGKILL after `grace`; waits until the process is gone.
+    /// SIGTERM, then SIGKILL after `grace` (at once for a zero grace); waits until the
+    /// process is gone.
     pub fn stop(&self, daemon: &mut Daemon, grace: Duration) {
-        signal(daemon.pid, "TERM");
-        if !daemon.wait_exit(grace) {
+        if !grace.is_zero() {
+            signal(daemon.pid, "TERM");
+        }
+        if grace.is_zero() || !daemon.wait_exit(grace) {
             signal(daemon.pid, "KILL");
             daemon.wait_exit(Duration::from_secs(5));
         }

@@ -6,6 +6,7 @@
 //! node cordons, the API server's life), bring it down whatever happened. Arguments filter
 //! tests by substring, like libtest; `--list` lists them.
 
+mod nodes;
 mod support;
 
 use std::{
@@ -33,6 +34,10 @@ use kube::{
     api::{ListParams, Patch, PatchParams, PostParams},
     runtime::watcher,
 };
+use nodes::{
+    dry_run_changes_nothing, leadership_fails_over, many_unhealthy_nodes_hold_remediation,
+    stale_lease_taints_the_node, unhealthy_node_is_tainted_marked_and_restored,
+};
 use serde_json::json;
 use support::{Ctx, eventually, pod, unschedulable};
 
@@ -59,6 +64,11 @@ fn tests() -> Vec<(&'static str, TestFn)> {
         dry_run_consumes_nothing,
         exempt_namespaces_and_critical_pods,
         job_of_300_completes_under_pending_cap,
+        unhealthy_node_is_tainted_marked_and_restored,
+        stale_lease_taints_the_node,
+        many_unhealthy_nodes_hold_remediation,
+        dry_run_changes_nothing,
+        leadership_fails_over,
         // Last: it restarts kube-apiserver under everyone.
         watches_resume_after_apiserver_restart,
     ]
@@ -242,7 +252,7 @@ async fn run(filters: &[&str], selected: Vec<(&'static str, TestFn)>) -> anyhow:
     let t0 = Instant::now();
     let cluster = Cluster::up(&Options {
         dir: dir.clone(),
-        nodes: 4,
+        nodes: 5,
         bulwark: None,
     })
     .await?;

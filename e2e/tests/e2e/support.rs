@@ -240,24 +240,12 @@ impl Ctx {
 
     /// One sample of a metric from the webhook's /metrics (sum over matching label sets).
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
-        let text = bulwark_e2e::cluster::plain_get(self.state().ports.webhook_metrics, "/metrics")?;
-        let mut sum = 0.0;
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let (metric, label_text) = series.split_once('{').unwrap_or((series, ""));
-            if metric != name {
-                continue;
-            }
-            if labels
-                .iter()
-                .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
-            {
-                sum += value.parse::<f64>().unwrap_or(0.0);
-            }
-        }
-        Ok(sum)
+        metric_at(self.state().ports.webhook_metrics, name, labels)
+    }
+
+    /// A metric of the cluster's own node controller.
+    pub fn node_controller_metric(&self, name: &str) -> anyhow::Result<f64> {
+        metric_at(self.state().ports.node_controller_metrics, name, &[])
     }
 
     /// Deletes the namespaces the test created and waits until no pod of theirs is left,
@@ -309,4 +297,26 @@ where
     Fut: Future<Output = anyhow::Result<Option<T>>>,
 {
     bulwark_e2e::poll::until(limit, Duration::from_millis(100), what, || Ok(()), probe).await
+}
+
+/// The sum of a metric's samples whose labels match, from a plain-HTTP /metrics.
+fn metric_at(port: u16, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+    let text = bulwark_e2e::cluster::plain_get(port, "/metrics")?;
+    let mut sum = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (metric, label_text) = series.split_once('{').unwrap_or((series, ""));
+        if metric != name {
+            continue;
+        }
+        if labels
+            .iter()
+            .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
+        {
+            sum += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    Ok(sum)
 }

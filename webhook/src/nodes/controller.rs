@@ -389,7 +389,7 @@ impl Tick<'_> {
             let text = hold.to_string();
             for name in &p.held {
                 if let Some(node) = find(name)
-                    && said.first(name, &format!("hold:{text}"))
+                    && said.first(name, &format!("hold:{}", hold.kind()))
                 {
                     tracing::warn!(node = %name, hold = %text, "remediation held");
                     self.event(

@@ -102,6 +102,17 @@ pub enum Hold {
     },
 }
 
+impl Hold {
+    /// A bounded label: the same hold keeps its kind while its numbers change.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Hold::TooManyUnhealthy { .. } => "too_many_unhealthy",
+            Hold::ZoneDown { .. } => "zone_down",
+            Hold::Cooldown { .. } => "cooldown",
+        }
+    }
+}
+
 impl std::fmt::Display for Hold {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
