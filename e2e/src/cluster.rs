@@ -13,6 +13,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::{
     coordination::v1::Lease,
     core::v1::{Namespace, Node, Pod, ServiceAccount},
@@ -468,13 +469,20 @@ impl Cluster {
         }
         let pp = PatchParams::apply("bulwark-e2e").force();
         let nodes: Api<Node> = Api::all(client.clone());
-        for i in 0..self.state.nodes {
-            let node = objects::kwok_node(i);
-            nodes
-                .create(&PostParams::default(), &node)
-                .await
-                .with_context(|| format!("creating node kwok-node-{i}"))?;
-        }
+        // Concurrently: a thousand nodes one after another would take a while.
+        futures::stream::iter(0..self.state.nodes)
+            .map(|i| {
+                let nodes = nodes.clone();
+                async move {
+                    nodes
+                        .create(&PostParams::default(), &objects::kwok_node(i))
+                        .await
+                        .with_context(|| format!("creating node kwok-node-{i}"))
+                }
+            })
+            .buffer_unordered(16)
+            .try_collect::<Vec<_>>()
+            .await?;
         for (role, binding) in [objects::webhook_rbac(), objects::node_controller_rbac()] {
             apply(&client, &role, &pp).await?;
             apply(&client, &binding, &pp).await?;
@@ -490,7 +498,8 @@ impl Cluster {
 
         let want = self.state.nodes as usize;
         let c = client.clone();
-        self.wait("kwok nodes Ready", Duration::from_secs(60), || {
+        let limit = Duration::from_secs(60 + u64::from(self.state.nodes) / 10);
+        self.wait("kwok nodes Ready", limit, || {
             let nodes: Api<Node> = Api::all(c.clone());
             async move {
                 let list = nodes.list(&Default::default()).await?;
