@@ -39,7 +39,7 @@ pub const DEFAULTED_ANNOTATION: &str = "bulwark.io/defaulted";
 /// bulwark's configuration in the e2e cluster. Retry hints are kept short (1-2 s) so that
 /// client retries (kubectl, the Job controller) play out within a test's time, and the node
 /// controller's clock runs in seconds rather than minutes.
-const BULWARK_CONFIG: &str = "\
+pub const BULWARK_CONFIG: &str = "\
 cluster:
   maxPendingPods: 5000
   pendingPerHealthyNode: 30
@@ -633,11 +633,15 @@ impl Cluster {
         identity: &str,
         extra: &[&str],
     ) -> anyhow::Result<()> {
+        // `extra` replaces a flag of the cluster's own controller (e.g. its --config).
+        let flag = |a: &str| a.split('=').next().unwrap_or_default().to_owned();
+        let replaced: Vec<String> = extra.iter().map(|a| flag(a)).collect();
         let mut args: Vec<String> = self
             .state
             .args(Component::NodeController)
             .into_iter()
             .filter(|a| !a.starts_with("--identity=") && !a.starts_with("--metrics-listen="))
+            .filter(|a| !replaced.contains(&flag(a)))
             .collect();
         args.push(format!("--identity={identity}"));
         args.push("--metrics-listen=127.0.0.1:0".into());

@@ -35,8 +35,9 @@ use kube::{
     runtime::watcher,
 };
 use nodes::{
-    dry_run_changes_nothing, leadership_fails_over, many_unhealthy_nodes_hold_remediation,
-    stale_lease_taints_the_node, unhealthy_node_is_tainted_marked_and_restored,
+    dry_run_changes_nothing, exec_removal_runs_the_command, leadership_fails_over,
+    many_unhealthy_nodes_hold_remediation, stale_lease_taints_the_node,
+    unhealthy_node_is_tainted_marked_and_restored,
 };
 use serde_json::json;
 use support::{Ctx, eventually, pod, unschedulable};
@@ -68,6 +69,7 @@ fn tests() -> Vec<(&'static str, TestFn)> {
         stale_lease_taints_the_node,
         many_unhealthy_nodes_hold_remediation,
         dry_run_changes_nothing,
+        exec_removal_runs_the_command,
         leadership_fails_over,
         // Last: it restarts kube-apiserver under everyone.
         watches_resume_after_apiserver_restart,

@@ -396,6 +396,58 @@ async fn dry_run_body(ctx: &Ctx) -> anyhow::Result<()> {
     .await
 }
 
+pub async fn exec_removal_runs_the_command(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let dir = ctx.state().dir.clone();
+    let record = dir.join("removed.txt");
+    let config = dir.join("exec.yaml");
+    let command = format!(
+        "  removal: exec\n  removalCommand: [sh, -c, 'echo \"$BULWARK_NODE $BULWARK_REASON\" >> {}']\n",
+        record.display()
+    );
+    std::fs::write(
+        &config,
+        format!("{}{command}", bulwark_e2e::cluster::BULWARK_CONFIG),
+    )?;
+    ctx.cluster
+        .stop_named(Component::NodeController.name(), false);
+    let config_flag = format!("--config={}", config.display());
+    ctx.cluster
+        .spawn_node_controller("node-controller-exec", "e2e-exec", &[&config_flag])?;
+    let result = exec_body(ctx, &record).await;
+    ctx.cluster.stop_named("node-controller-exec", false);
+    ctx.cluster.start_component(Component::NodeController)?;
+    until_leader(ctx, "e2e-primary", Duration::from_secs(30)).await?;
+    result
+}
+
+async fn exec_body(ctx: &Ctx, record: &std::path::Path) -> anyhow::Result<()> {
+    until_leader(ctx, "e2e-exec", Duration::from_secs(30)).await?;
+    let node = "kwok-node-4";
+    with_broken(ctx, &[(node, Some("KernelDeadlock"))], || async {
+        break_node(ctx, node, Some("KernelDeadlock")).await?;
+        let line = eventually(
+            Duration::from_secs(20),
+            "the removal command to run",
+            || async {
+                Ok(std::fs::read_to_string(record)
+                    .ok()
+                    .filter(|t| !t.is_empty()))
+            },
+        )
+        .await?;
+        ensure!(
+            line.trim() == format!("{node} KernelDeadlock"),
+            "command wrote {line:?}"
+        );
+        ensure!(
+            marked(&nodes(ctx).get(node).await?),
+            "node not marked before the command"
+        );
+        Ok(())
+    })
+    .await
+}
+
 async fn until_leader(ctx: &Ctx, identity: &str, limit: Duration) -> anyhow::Result<Duration> {
     let start = Instant::now();
     eventually(limit, &format!("{identity} to lead"), || async {

@@ -49,12 +49,20 @@ pub struct Executor {
 const ATTEMPTS: u32 = 6;
 
 /// Retries `op` on conflicts, throttling and server errors; other errors end it.
-async fn retrying<T, F, Fut>(mut op: F) -> Result<T, kube::Error>
+async fn retrying<T, F, Fut>(op: F) -> Result<T, kube::Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, kube::Error>>,
 {
-    let mut backoff = Jittered::new(Duration::from_millis(200), Duration::from_secs(10));
+    let backoff = Jittered::new(Duration::from_millis(200), Duration::from_secs(10));
+    retrying_with(backoff, op).await
+}
+
+async fn retrying_with<T, F, Fut>(mut backoff: Jittered, mut op: F) -> Result<T, kube::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, kube::Error>>,
+{
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -315,7 +323,74 @@ impl Executor {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
     use super::*;
+
+    fn api_error(code: u16, retry_after: u32) -> kube::Error {
+        let status = serde_json::json!({
+            "code": code, "details": {"retryAfterSeconds": retry_after},
+        });
+        kube::Error::Api(Box::new(serde_json::from_value(status).unwrap()))
+    }
+
+    #[tokio::test]
+    async fn conflicts_retry_at_once_and_client_errors_do_not_retry() {
+        let calls = AtomicU32::new(0);
+        let start = std::time::Instant::now();
+        let r = retrying(|| async {
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0 | 1 => Err(api_error(409, 0)),
+                n => Ok(n),
+            }
+        })
+        .await;
+        assert_eq!(r.ok(), Some(2));
+        assert!(
+            start.elapsed() < Duration::from_millis(100),
+            "409 does not wait"
+        );
+
+        calls.store(0, Ordering::SeqCst);
+        let r: Result<(), _> = retrying(|| async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(api_error(403, 0))
+        })
+        .await;
+        assert!(r.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn throttling_waits_at_least_retry_after() {
+        let calls = AtomicU32::new(0);
+        let start = std::time::Instant::now();
+        let r = retrying(|| async {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err(api_error(429, 1))
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+        assert!(r.is_ok());
+        assert!(
+            start.elapsed() >= Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+
+        // Server errors back off and give up after a bounded number of attempts.
+        calls.store(0, Ordering::SeqCst);
+        let quick = Jittered::new(Duration::from_millis(1), Duration::from_millis(2));
+        let r: Result<(), _> = retrying_with(quick, || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(api_error(503, 0))
+        })
+        .await;
+        assert!(r.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), ATTEMPTS);
+    }
 
     #[test]
     fn taint_values_are_label_values() {
