@@ -114,6 +114,20 @@ fn taint_added(node: &Node, key: &str) -> Option<(String, Option<SystemTime>)> {
         })
 }
 
+/// Waits for bulwark's unhealthy taint on `node`: its value and `timeAdded`.
+async fn until_tainted(
+    ctx: &Ctx,
+    node: &str,
+    limit: Duration,
+) -> anyhow::Result<(String, Option<SystemTime>)> {
+    let api = nodes(ctx);
+    eventually(limit, "the unhealthy taint", || {
+        let api = api.clone();
+        async move { Ok(taint_added(&api.get(node).await?, UNHEALTHY_TAINT)) }
+    })
+    .await
+}
+
 fn marked(node: &Node) -> bool {
     node.metadata
         .annotations
@@ -160,12 +174,8 @@ pub async fn unhealthy_node_is_tainted_marked_and_restored(ctx: &mut Ctx) -> any
     );
     with_broken(ctx, &[(node, Some("KernelDeadlock"))], || async {
         let broken = break_node(ctx, node, Some("KernelDeadlock")).await?;
+        let (value, added) = until_tainted(ctx, node, Duration::from_secs(15)).await?;
         let api = nodes(ctx);
-        let (value, added) = eventually(Duration::from_secs(15), "the unhealthy taint", || {
-            let api = api.clone();
-            async move { Ok(taint_added(&api.get(node).await?, UNHEALTHY_TAINT)) }
-        })
-        .await?;
         let seen = SystemTime::now();
         ensure!(value.contains("KernelDeadlock"), "taint value {value}");
         let took = seen.duration_since(broken).unwrap_or_default();
@@ -289,12 +299,7 @@ pub async fn stale_lease_taints_the_node(ctx: &mut Ctx) -> anyhow::Result<()> {
 async fn stale_lease_body(ctx: &Ctx) -> anyhow::Result<()> {
     let last = heartbeat(ctx, Duration::from_secs(3)).await?;
     // The kubelet dies.
-    let api = nodes(ctx);
-    let (value, added) = eventually(Duration::from_secs(20), "the unhealthy taint", || {
-        let api = api.clone();
-        async move { Ok(taint_added(&api.get(LEASE_NODE).await?, UNHEALTHY_TAINT)) }
-    })
-    .await?;
+    let (value, added) = until_tainted(ctx, LEASE_NODE, Duration::from_secs(20)).await?;
     let seen = SystemTime::now();
     ensure!(value == "LeaseStale", "taint value {value}");
     let stale = last + LEASE_STALE_AFTER;
@@ -500,12 +505,7 @@ async fn failover_body(ctx: &mut Ctx) -> anyhow::Result<()> {
     let node = "kwok-node-4";
     with_broken(ctx, &[(node, Some("KernelDeadlock"))], || async {
         break_node(ctx, node, Some("KernelDeadlock")).await?;
-        let api = nodes(ctx);
-        eventually(Duration::from_secs(15), "the standby's taint", || {
-            let api = api.clone();
-            async move { Ok(taint_added(&api.get(node).await?, UNHEALTHY_TAINT)) }
-        })
-        .await?;
+        until_tainted(ctx, node, Duration::from_secs(15)).await?;
         Ok(())
     })
     .await

@@ -3,7 +3,7 @@
 //! serves metrics; only the leader acts and emits Events.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
         Arc,
@@ -146,7 +146,7 @@ where
 }
 
 /// Keeps trying to hold the lease; `leader` says whether this replica may act.
-async fn elect(elector: Elector, leader: Arc<AtomicBool>, metrics: Arc<Metrics>) {
+async fn elect(elector: Arc<Elector>, leader: Arc<AtomicBool>, metrics: Arc<Metrics>) {
     let mut renewed = Instant::now();
     loop {
         match elector.round().await {
@@ -207,7 +207,13 @@ async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Resu
 struct Said {
     /// (node, what) pairs reported: audit findings, dry-run actions, refusals, holds.
     pairs: HashSet<(String, String)>,
+    /// Nodes whose last action failed, and when to try again: a failing write (say, a
+    /// missing RBAC rule) is not repeated, nor reported, every second.
+    failed: HashMap<String, Instant>,
 }
+
+/// How long after a failed action its node is left alone.
+const RETRY_FAILED_AFTER: Duration = Duration::from_secs(30);
 
 impl Said {
     fn first(&mut self, node: &str, what: &str) -> bool {
@@ -238,19 +244,13 @@ pub async fn run(
         NODE_LEASE_NAMESPACE,
     ));
     let leader = Arc::new(AtomicBool::new(false));
-    let elector = Elector::new(
+    let elector = Arc::new(Elector::new(
         Api::namespaced(client.clone(), &opts.lease_namespace),
         &opts.lease_name,
         &opts.identity,
         LEASE_DURATION,
-    );
-    let release = Elector::new(
-        Api::namespaced(client.clone(), &opts.lease_namespace),
-        &opts.lease_name,
-        &opts.identity,
-        LEASE_DURATION,
-    );
-    let election = tokio::spawn(elect(elector, leader.clone(), metrics.clone()));
+    ));
+    let election = tokio::spawn(elect(elector.clone(), leader.clone(), metrics.clone()));
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -294,7 +294,7 @@ pub async fn run(
             .await;
     }
     election.abort();
-    release.release().await;
+    elector.release().await;
     Ok(())
 }
 
@@ -411,7 +411,20 @@ impl Tick<'_> {
             if self.dry_run && !said.first(name, &format!("dry-run:{}", action.kind())) {
                 continue;
             }
+            if said
+                .failed
+                .get(name)
+                .is_some_and(|until| Instant::now() < *until)
+            {
+                continue;
+            }
             let outcome = self.executor.apply(action, v).await;
+            if outcome.is_err() {
+                said.failed
+                    .insert(name.to_owned(), Instant::now() + RETRY_FAILED_AFTER);
+            } else {
+                said.failed.remove(name);
+            }
             let label = match &outcome {
                 Ok(Outcome::Done) => "done",
                 Ok(Outcome::DryRun) => "dry_run",

@@ -315,15 +315,10 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
     }
 
+    /// The defaults: grace 60 s, removeAfter 600 s, recoverAfter 120 s, maxUnhealthy 40%,
+    /// stormCooldown 300 s, removalInterval 300 s.
     fn timing() -> Timing {
-        Timing {
-            grace: Duration::from_secs(60),
-            remove_after: Duration::from_secs(600),
-            recover_after: Duration::from_secs(120),
-            max_unhealthy: MaxUnhealthy::Percent(40),
-            storm_cooldown: Duration::from_secs(300),
-            removal_interval: Duration::from_secs(300),
-        }
+        crate::nodes::Settings::default().timing
     }
 
     fn healthy(name: &str) -> NodeView {
