@@ -246,7 +246,11 @@ async fn create_lease_node(ctx: &Ctx) -> anyhow::Result<()> {
     let node: Node = serde_json::from_value(json!({
         "metadata": {"name": LEASE_NODE},
         "spec": {"taints": [{"key": "e2e.bulwark.io/no-pods", "effect": "NoSchedule"}]},
-        "status": {"conditions": [{
+        // Nothing reserved for the kubelet: the protect-nodes audit reports it.
+        "status": {
+            "capacity": {"cpu": "8", "memory": "32Gi", "pods": "110"},
+            "allocatable": {"cpu": "8", "memory": "32Gi", "pods": "110"},
+            "conditions": [{
             "type": "Ready", "status": "True", "reason": "KubeletReady", "message": "e2e",
             "lastTransitionTime": now_rfc3339(), "lastHeartbeatTime": now_rfc3339(),
         }]},
@@ -298,6 +302,15 @@ pub async fn stale_lease_taints_the_node(ctx: &mut Ctx) -> anyhow::Result<()> {
 
 async fn stale_lease_body(ctx: &Ctx) -> anyhow::Result<()> {
     let last = heartbeat(ctx, Duration::from_secs(3)).await?;
+    let audit = events(ctx, LEASE_NODE, "NodeNotProtected").await?;
+    let note = audit
+        .first()
+        .and_then(|e| e.message.clone())
+        .unwrap_or_default();
+    ensure!(
+        note.starts_with("allocatable CPU and memory equal capacity"),
+        "no protect-nodes audit Event for a node without reservations: {note:?}"
+    );
     // The kubelet dies.
     let (value, added) = until_tainted(ctx, LEASE_NODE, Duration::from_secs(20)).await?;
     let seen = SystemTime::now();
