@@ -271,6 +271,13 @@ pub async fn run(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut mem = Memory::default();
     let mut said = Said::default();
+    let ctx = Tick {
+        settings: &opts.settings,
+        dry_run: opts.dry_run,
+        metrics: &metrics,
+        recorder: &recorder,
+        executor: &executor,
+    };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -278,13 +285,6 @@ pub async fn run(
             _ = tick.tick() => {}
             () = &mut shutdown => break,
         }
-        let ctx = Tick {
-            settings: &opts.settings,
-            dry_run: opts.dry_run,
-            metrics: &metrics,
-            recorder: &recorder,
-            executor: &executor,
-        };
         let is_leader = leader.load(Ordering::SeqCst);
         if !is_leader {
             // A new term starts from what the nodes say, not from stale memory.
