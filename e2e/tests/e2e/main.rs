@@ -35,8 +35,8 @@ use kube::{
     runtime::watcher,
 };
 use nodes::{
-    dry_run_changes_nothing, exec_removal_runs_the_command, leadership_fails_over,
-    many_unhealthy_nodes_hold_remediation, stale_lease_taints_the_node,
+    delete_node_removal_deletes_the_node, dry_run_changes_nothing, exec_removal_runs_the_command,
+    leadership_fails_over, many_unhealthy_nodes_hold_remediation, stale_lease_taints_the_node,
     unhealthy_node_is_tainted_marked_and_restored,
 };
 use serde_json::json;
@@ -70,6 +70,7 @@ fn tests() -> Vec<(&'static str, TestFn)> {
         many_unhealthy_nodes_hold_remediation,
         dry_run_changes_nothing,
         exec_removal_runs_the_command,
+        delete_node_removal_deletes_the_node,
         leadership_fails_over,
         // Last: it restarts kube-apiserver under everyone.
         watches_resume_after_apiserver_restart,

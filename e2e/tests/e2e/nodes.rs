@@ -377,21 +377,48 @@ pub async fn many_unhealthy_nodes_hold_remediation(ctx: &mut Ctx) -> anyhow::Res
     Ok(())
 }
 
-pub async fn dry_run_changes_nothing(ctx: &mut Ctx) -> anyhow::Result<()> {
-    // The cluster's controller gives up its lease on SIGTERM; the dry run takes it.
+/// Puts another node controller (`name`, `identity`, `flags`) in the place of the cluster's
+/// own, which gives up its Lease on SIGTERM, and waits until the newcomer leads.
+async fn swap_in(ctx: &mut Ctx, name: &str, identity: &str, flags: &[&str]) -> anyhow::Result<()> {
     ctx.cluster
         .stop_named(Component::NodeController.name(), false);
-    ctx.cluster
-        .spawn_node_controller("node-controller-dry-run", "e2e-dry-run", &["--dry-run"])?;
-    let result = dry_run_body(ctx).await;
-    ctx.cluster.stop_named("node-controller-dry-run", false);
+    ctx.cluster.spawn_node_controller(name, identity, flags)?;
+    until_leader(ctx, identity, Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+/// Stops the controller `swap_in` started and brings the cluster's own back as leader.
+async fn swap_back(ctx: &mut Ctx, name: &str) -> anyhow::Result<()> {
+    ctx.cluster.stop_named(name, false);
     ctx.cluster.start_component(Component::NodeController)?;
     until_leader(ctx, "e2e-primary", Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+/// The e2e config with more `nodeController:` lines, written into the cluster directory.
+fn config_with(ctx: &Ctx, file: &str, lines: &str) -> anyhow::Result<String> {
+    let path = ctx.state().dir.join(file);
+    std::fs::write(
+        &path,
+        format!("{}{lines}", bulwark_e2e::cluster::BULWARK_CONFIG),
+    )?;
+    Ok(format!("--config={}", path.display()))
+}
+
+pub async fn dry_run_changes_nothing(ctx: &mut Ctx) -> anyhow::Result<()> {
+    swap_in(
+        ctx,
+        "node-controller-dry-run",
+        "e2e-dry-run",
+        &["--dry-run"],
+    )
+    .await?;
+    let result = dry_run_body(ctx).await;
+    swap_back(ctx, "node-controller-dry-run").await?;
     result
 }
 
 async fn dry_run_body(ctx: &Ctx) -> anyhow::Result<()> {
-    until_leader(ctx, "e2e-dry-run", Duration::from_secs(30)).await?;
     let node = "kwok-node-4";
     with_broken(ctx, &[(node, Some("KernelDeadlock"))], || async {
         break_node(ctx, node, Some("KernelDeadlock")).await?;
@@ -415,31 +442,60 @@ async fn dry_run_body(ctx: &Ctx) -> anyhow::Result<()> {
 }
 
 pub async fn exec_removal_runs_the_command(ctx: &mut Ctx) -> anyhow::Result<()> {
-    let dir = ctx.state().dir.clone();
-    let record = dir.join("removed.txt");
-    let config = dir.join("exec.yaml");
-    let command = format!(
+    let record = ctx.state().dir.join("removed.txt");
+    let lines = format!(
         "  removal: exec\n  removalCommand: [sh, -c, 'echo \"$BULWARK_NODE $BULWARK_REASON\" >> {}']\n",
         record.display()
     );
-    std::fs::write(
-        &config,
-        format!("{}{command}", bulwark_e2e::cluster::BULWARK_CONFIG),
-    )?;
-    ctx.cluster
-        .stop_named(Component::NodeController.name(), false);
-    let config_flag = format!("--config={}", config.display());
-    ctx.cluster
-        .spawn_node_controller("node-controller-exec", "e2e-exec", &[&config_flag])?;
+    let config = config_with(ctx, "exec.yaml", &lines)?;
+    swap_in(ctx, "node-controller-exec", "e2e-exec", &[&config]).await?;
     let result = exec_body(ctx, &record).await;
-    ctx.cluster.stop_named("node-controller-exec", false);
-    ctx.cluster.start_component(Component::NodeController)?;
-    until_leader(ctx, "e2e-primary", Duration::from_secs(30)).await?;
+    swap_back(ctx, "node-controller-exec").await?;
     result
 }
 
+pub async fn delete_node_removal_deletes_the_node(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let config = config_with(ctx, "delete.yaml", "  removal: delete-node\n")?;
+    swap_in(ctx, "node-controller-delete", "e2e-delete", &[&config]).await?;
+    let result = delete_body(ctx).await;
+    swap_back(ctx, "node-controller-delete").await?;
+    result
+}
+
+async fn delete_body(ctx: &Ctx) -> anyhow::Result<()> {
+    let node = "kwok-node-4";
+    break_node(ctx, node, Some("KernelDeadlock")).await?;
+    let api = nodes(ctx);
+    let gone = eventually(
+        Duration::from_secs(20),
+        "the Node to be deleted",
+        || async { Ok(api.get_opt(node).await?.is_none().then_some(())) },
+    )
+    .await;
+    // A replacement comes up under the same name, for the tests that follow.
+    if api.get_opt(node).await?.is_none() {
+        api.create(&Default::default(), &bulwark_e2e::objects::kwok_node(4))
+            .await?;
+    }
+    eventually(
+        Duration::from_secs(30),
+        "the replacement node Ready",
+        || async {
+            let n = api.get(node).await?;
+            let ready = n
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            Ok(ready.then_some(()))
+        },
+    )
+    .await?;
+    gone
+}
+
 async fn exec_body(ctx: &Ctx, record: &std::path::Path) -> anyhow::Result<()> {
-    until_leader(ctx, "e2e-exec", Duration::from_secs(30)).await?;
     let node = "kwok-node-4";
     with_broken(ctx, &[(node, Some("KernelDeadlock"))], || async {
         break_node(ctx, node, Some("KernelDeadlock")).await?;
