@@ -13,7 +13,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Bold headings on a terminal only, so logs and CI output stay plain text.
+if [ -t 1 ]; then B=$'\033[1m' N=$'\033[0m'; else B='' N=''; fi
+say() { printf '\n%s== %s%s\n' "$B" "$*" "$N"; }
 fail() { echo "demo: $*" >&2; exit 1; }
 indent() { sed 's/^/  /'; }
 
