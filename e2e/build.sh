@@ -5,6 +5,9 @@
 #     wrapper module pinning every k8s.io staging module to the release's v0.X.Y)
 #   etcd  (e2e/etcd: etcdmain from go.etcd.io/etcd/server/v3, its sibling modules pinned)
 #   kwok  (go install of sigs.k8s.io/kwok/cmd/kwok)
+#   helm  (go install of helm.sh/helm/v3/cmd/helm, to render deploy/helm/bulwark)
+#   cert-manager CRDs  (Certificate, Issuer from the cert-manager module's deploy/crds, so the
+#     cert-manager overlay can be checked by the API server)
 # Prints the directory holding the binaries.
 set -euo pipefail
 # A Go older than a module's `go` line fetches the matching toolchain from the module proxy
@@ -16,6 +19,8 @@ cache=${BULWARK_CACHE:-$HOME/.cache/bulwark}
 k8s=$(sed -n 's/^require k8s.io\/kubernetes //p' "$here/controlplane/go.mod")
 etcd=$(sed -n 's/^require go.etcd.io\/etcd\/server\/v3 //p' "$here/etcd/go.mod")
 kwok=v0.7.0
+helm=v3.19.5
+certmanager=v1.21.2
 bin="$cache/bin"
 mkdir -p "$bin"
 
@@ -49,5 +54,21 @@ if ! stamp kwok "$kwok"; then
   echo "building kwok $kwok" >&2
   GOBIN="$bin" go install "sigs.k8s.io/kwok/cmd/kwok@$kwok"
   mark kwok "$kwok"
+fi
+if ! stamp helm "$helm"; then
+  need_go "helm $helm"
+  echo "building helm $helm" >&2
+  GOBIN="$bin" GOFLAGS=-mod=mod go install "helm.sh/helm/v3/cmd/helm@$helm"
+  mark helm "$helm"
+fi
+crds="$cache/crds/cert-manager-$certmanager"
+if [ ! -s "$crds/cert-manager.io_issuers.yaml" ]; then
+  need_go "the cert-manager CRDs"
+  echo "fetching the cert-manager $certmanager CRDs" >&2
+  dir=$(cd "$here/controlplane" && go mod download -json "github.com/cert-manager/cert-manager@$certmanager" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  mkdir -p "$crds"
+  for f in cert-manager.io_certificates.yaml cert-manager.io_issuers.yaml; do
+    cp "$dir/deploy/crds/$f" "$crds/$f.tmp" && mv "$crds/$f.tmp" "$crds/$f"
+  done
 fi
 echo "$bin"

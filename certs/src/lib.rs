@@ -9,6 +9,7 @@ use std::{
     io::Write,
     net::IpAddr,
     path::{Path, PathBuf},
+    time::{Duration as StdDuration, SystemTime, UNIX_EPOCH},
 };
 
 use rcgen::{
@@ -27,6 +28,8 @@ pub enum CertError {
     Days(u32),
     #[error("generating certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("not a PEM certificate: {0}")]
+    Parse(String),
     #[error("writing {path}: {source}")]
     Write {
         path: String,
@@ -71,6 +74,7 @@ fn validity(params: &mut CertificateParams, days: u32) {
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
+    key_pem: String,
     days: u32,
 }
 
@@ -122,14 +126,39 @@ impl Ca {
         validity(&mut params, days);
         let cert = params.self_signed(&key)?;
         Ok(Ca {
+            key_pem: key.serialize_pem(),
             issuer: Issuer::new(params, key),
             cert_pem: cert.pem(),
             days,
         })
     }
 
+    /// A CA kept from earlier (e.g. in a Secret), signing certificates valid for `days`.
+    pub fn from_pem(cert_pem: &str, key_pem: &str, days: u32) -> Result<Ca, CertError> {
+        check_days(days)?;
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Ca {
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+            days,
+        })
+    }
+
+    /// The same CA, signing certificates valid for `days` instead of its own lifetime.
+    pub fn leaf_days(mut self, days: u32) -> Result<Ca, CertError> {
+        check_days(days)?;
+        self.days = days;
+        Ok(self)
+    }
+
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
     }
 
     /// A serving certificate for the DNS names and IPs; the first name is its common name.
@@ -194,6 +223,73 @@ pub fn signing_key() -> Result<SigningKey, CertError> {
         private_pem: key.serialize_pem(),
         public_pem: key.public_key_pem(),
     })
+}
+
+/// What a certificate says about itself that decides when to replace it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Facts {
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub dns_names: Vec<String>,
+    pub ips: Vec<IpAddr>,
+}
+
+impl Facts {
+    /// When to replace it: with a third of its lifetime left, as cert-manager does by default,
+    /// so a missed renewal still leaves weeks to notice.
+    pub fn renew_at(&self) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or(StdDuration::ZERO);
+        self.not_after - life / 3
+    }
+
+    /// Whether it names every one of `dns_names` and `ips`.
+    pub fn covers(&self, dns_names: &[String], ips: &[IpAddr]) -> bool {
+        dns_names.iter().all(|n| self.dns_names.contains(n))
+            && ips.iter().all(|ip| self.ips.contains(ip))
+    }
+}
+
+fn system_time(ts: i64) -> SystemTime {
+    match u64::try_from(ts) {
+        Ok(secs) => UNIX_EPOCH + StdDuration::from_secs(secs),
+        Err(_) => UNIX_EPOCH,
+    }
+}
+
+/// Reads the first certificate of a PEM text (a bundle's first is the newest by convention).
+pub fn facts(cert_pem: &str) -> Result<Facts, CertError> {
+    use x509_parser::{extensions::GeneralName, pem::parse_x509_pem};
+    let (_, pem) =
+        parse_x509_pem(cert_pem.as_bytes()).map_err(|e| CertError::Parse(e.to_string()))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| CertError::Parse(e.to_string()))?;
+    let validity = cert.validity();
+    let mut out = Facts {
+        not_before: system_time(validity.not_before.timestamp()),
+        not_after: system_time(validity.not_after.timestamp()),
+        dns_names: Vec::new(),
+        ips: Vec::new(),
+    };
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(n) => out.dns_names.push((*n).to_owned()),
+                GeneralName::IPAddress(bytes) => {
+                    if let Ok(v4) = <[u8; 4]>::try_from(*bytes) {
+                        out.ips.push(IpAddr::from(v4));
+                    } else if let Ok(v6) = <[u8; 16]>::try_from(*bytes) {
+                        out.ips.push(IpAddr::from(v6));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Generates a fresh CA and a serving certificate signed by it.
@@ -305,6 +401,41 @@ mod tests {
         let key = signing_key().unwrap();
         assert!(key.private_pem.contains("BEGIN PRIVATE KEY"));
         assert!(key.public_pem.contains("BEGIN PUBLIC KEY"));
+    }
+
+    #[test]
+    fn facts_decide_renewal_and_a_kept_ca_signs_again() {
+        let ca = Ca::new("test CA", 3650).unwrap().leaf_days(30).unwrap();
+        let names = service_dns_names("bulwark-webhook", "bulwark-system");
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let leaf = ca.server(&names, &[ip]).unwrap();
+        let f = facts(&leaf.cert_pem).unwrap();
+        let life = f.not_after.duration_since(f.not_before).unwrap();
+        // 30 days plus the five minutes of clock slack.
+        assert_eq!(life.as_secs(), 30 * 86_400 + 300);
+        assert_eq!(f.not_after.duration_since(f.renew_at()).unwrap(), life / 3);
+        assert!(f.covers(&names, &[ip]));
+        assert!(!f.covers(&["other".to_owned()], &[]));
+        assert!(!f.covers(&[], &["10.0.0.1".parse().unwrap()]));
+
+        let again = Ca::from_pem(ca.cert_pem(), ca.key_pem(), 1).unwrap();
+        let second = again.server(&names, &[]).unwrap();
+        let f2 = facts(&second.cert_pem).unwrap();
+        assert_eq!(
+            f2.not_after
+                .duration_since(f2.not_before)
+                .unwrap()
+                .as_secs(),
+            86_400 + 300
+        );
+        let ca_facts = facts(ca.cert_pem()).unwrap();
+        assert!(ca_facts.not_after > f.not_after);
+
+        assert!(matches!(
+            facts("not a certificate"),
+            Err(CertError::Parse(_))
+        ));
+        assert!(Ca::from_pem(ca.cert_pem(), "garbage", 1).is_err());
     }
 
     #[test]

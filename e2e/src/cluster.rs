@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::{
     coordination::v1::Lease,
-    core::v1::{Namespace, Node, Pod, ServiceAccount},
+    core::v1::{Node, Pod, ServiceAccount},
 };
 use kube::{
     Api, Client, Resource,
@@ -162,6 +162,28 @@ impl State {
         self.bin_dir.join("kubectl")
     }
 
+    /// Runs kubectl as the admin; its output, or an error with what it printed.
+    pub fn kubectl_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(self.kubectl())
+            .arg(format!("--kubeconfig={}", self.kubeconfig().display()))
+            .args(args)
+            .output()
+            .with_context(|| format!("running {}", self.kubectl().display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "kubectl {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Helm, built alongside the control plane.
+    pub fn helm(&self) -> PathBuf {
+        self.bin_dir.join("helm")
+    }
+
     fn pki(&self) -> Pki {
         Pki::in_dir(&self.dir)
     }
@@ -266,8 +288,12 @@ impl State {
                 "webhook".into(),
                 format!("--listen=127.0.0.1:{}", ports.webhook),
                 format!("--metrics-listen=127.0.0.1:{}", ports.webhook_metrics),
-                format!("--tls-cert={}", d(&p.webhook_cert)),
-                format!("--tls-key={}", d(&p.webhook_key)),
+                // Self-managed certificates, as a plain install runs: the Secret is created on
+                // first start and the caBundle of the registrations kept current.
+                format!("--cert-secret={WEBHOOK_SECRET}"),
+                format!("--cert-namespace={}", objects::BULWARK_NAMESPACE),
+                "--cert-ip=127.0.0.1".into(),
+                format!("--webhook-configuration={}", objects::WEBHOOK_CONFIGURATION),
                 format!("--config={}", d(&self.dir.join("bulwark.yaml"))),
                 format!("--kubeconfig={}", kubeconfig(Identity::Webhook)),
             ],
@@ -483,18 +509,17 @@ impl Cluster {
             .buffer_unordered(16)
             .try_collect::<Vec<_>>()
             .await?;
-        for (role, binding) in [objects::webhook_rbac(), objects::node_controller_rbac()] {
-            apply(&client, &role, &pp).await?;
-            apply(&client, &binding, &pp).await?;
-        }
-        let ns = Namespace {
-            metadata: kube::api::ObjectMeta {
-                name: Some("bulwark-system".into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        apply(&client, &ns, &pp).await?;
+        // bulwark's namespace, ServiceAccounts and RBAC exactly as an install creates them.
+        let base = deploy_dir().join("base");
+        self.state.kubectl_ok(&[
+            "apply",
+            "--server-side",
+            "--field-manager=bulwark-e2e",
+            "-f",
+            &base.join("namespace.yaml").display().to_string(),
+            "-f",
+            &base.join("rbac.yaml").display().to_string(),
+        ])?;
 
         let want = self.state.nodes as usize;
         let c = client.clone();
@@ -516,21 +541,43 @@ impl Cluster {
         })
         .await?;
 
+        // Registered first, without a caBundle: the webhook fills it in.
+        step("registering the webhooks");
+        let (mutating, validating) = objects::webhook_configurations(&self.state.webhook_url());
+        apply(&client, &mutating, &pp).await?;
+        apply(&client, &validating, &pp).await?;
+
         step("starting bulwark webhook");
         self.spawn(Component::Webhook)?;
+        let c = client.clone();
+        let ca = self
+            .wait(
+                "the caBundle from the webhook",
+                Duration::from_secs(60),
+                || {
+                    let api: Api<
+                        k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration,
+                    > = Api::all(c.clone());
+                    async move {
+                        let config = api.get(objects::WEBHOOK_CONFIGURATION).await?;
+                        Ok(config
+                            .webhooks
+                            .unwrap_or_default()
+                            .into_iter()
+                            .next()
+                            .and_then(|w| w.client_config.ca_bundle)
+                            .map(|b| b.0))
+                    }
+                },
+            )
+            .await?;
+        std::fs::write(&pki.webhook_ca_cert, &ca).context("writing the webhook CA")?;
         let probe = webhook_probe_client(&self.state.webhook_url(), &pki.webhook_ca_cert).await?;
         self.wait("bulwark webhook /readyz", Duration::from_secs(60), || {
             let probe = probe.clone();
             async move { ready(&probe, "/readyz").await }
         })
         .await?;
-
-        step("registering the webhooks");
-        let ca = std::fs::read_to_string(&pki.webhook_ca_cert).context("reading webhook CA")?;
-        let (mutating, validating) =
-            objects::webhook_configurations(&self.state.webhook_url(), &ca);
-        apply(&client, &mutating, &pp).await?;
-        apply(&client, &validating, &pp).await?;
         let c = client.clone();
         self.wait("webhook registration", Duration::from_secs(30), || {
             let pods: Api<Pod> = Api::namespaced(c.clone(), "default");
@@ -664,6 +711,38 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// The repository's deploy/ directory (kustomize base and overlays, Helm chart).
+pub fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// The cert-manager CRDs e2e/build.sh fetched (Certificate, Issuer).
+pub fn cert_manager_crds() -> anyhow::Result<Vec<PathBuf>> {
+    let dir = crate::cache_dir().join("crds");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let sub = entry?.path();
+        if sub
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("cert-manager-"))
+        {
+            for f in std::fs::read_dir(&sub)? {
+                found.push(f?.path());
+            }
+        }
+    }
+    anyhow::ensure!(
+        !found.is_empty(),
+        "no cert-manager CRDs under {}",
+        dir.display()
+    );
+    found.sort();
+    Ok(found)
+}
+
+/// The webhook's self-managed certificate Secret (in bulwark-system), as in deploy/base.
+pub const WEBHOOK_SECRET: &str = "bulwark-webhook-tls";
 
 /// The node controller's leader-election Lease.
 pub const NODE_CONTROLLER_LEASE: &str = "bulwark-node-controller";

@@ -9,18 +9,22 @@ pub mod process;
 
 pub use cluster::{Cluster, Options, State};
 
+/// The cache e2e/build.sh fills (BULWARK_CACHE, default ~/.cache/bulwark).
+pub fn cache_dir() -> std::path::PathBuf {
+    std::env::var_os("BULWARK_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/bulwark"))
+        })
+        .unwrap_or_else(|| std::env::temp_dir().join("bulwark"))
+}
+
 /// Where `bulwark-e2e` keeps its cluster unless told otherwise.
 pub fn default_dir() -> std::path::PathBuf {
     if let Some(dir) = std::env::var_os("BULWARK_E2E_DIR") {
         return dir.into();
     }
-    let cache = std::env::var_os("BULWARK_CACHE")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/bulwark"))
-        })
-        .unwrap_or_else(|| std::env::temp_dir().join("bulwark"));
-    cache.join("cluster")
+    cache_dir().join("cluster")
 }
 
 /// kube-rs and the webhook probe use rustls with ring; install it once per process.

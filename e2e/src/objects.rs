@@ -1,16 +1,15 @@
-//! The API objects `up` creates: kwok nodes, bulwark's RBAC and its webhook registrations.
+//! The API objects `up` creates: kwok nodes and bulwark's webhook registrations. bulwark's
+//! namespace, ServiceAccounts and RBAC come from deploy/base, as an install has them.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
-    ByteString,
     api::{
         admissionregistration::v1::{
             MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ValidatingWebhook,
             ValidatingWebhookConfiguration, WebhookClientConfig,
         },
         core::v1::{Node, NodeSpec, NodeStatus},
-        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject},
     },
     apimachinery::pkg::{
         api::resource::Quantity,
@@ -18,10 +17,10 @@ use k8s_openapi::{
     },
 };
 
-/// The identity (client certificate common name) bulwark's webhook runs as.
-pub const WEBHOOK_USER: &str = "bulwark-webhook";
-/// The identity bulwark's node controller runs as.
-pub const NODE_CONTROLLER_USER: &str = "bulwark-node-controller";
+/// bulwark's namespace and the ServiceAccounts its components act as (deploy/base).
+pub const BULWARK_NAMESPACE: &str = "bulwark-system";
+pub const WEBHOOK_SERVICE_ACCOUNT: &str = "bulwark-webhook";
+pub const NODE_CONTROLLER_SERVICE_ACCOUNT: &str = "bulwark-node-controller";
 /// Registered webhook names: what kubectl shows in "admission webhook ... denied the request".
 pub const MUTATE_WEBHOOK: &str = "mutate.bulwark.io";
 pub const VALIDATE_WEBHOOK: &str = "validate.bulwark.io";
@@ -83,80 +82,6 @@ pub fn kwok_node(index: u32) -> Node {
     }
 }
 
-fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
-    PolicyRule {
-        api_groups: Some(strings(groups)),
-        resources: Some(strings(resources)),
-        verbs: strings(verbs),
-        ..PolicyRule::default()
-    }
-}
-
-/// A ClusterRole with `rules`, bound to the user of the same name.
-fn role_for_user(user: &str, rules: Vec<PolicyRule>) -> (ClusterRole, ClusterRoleBinding) {
-    let meta = ObjectMeta {
-        name: Some(user.to_owned()),
-        ..ObjectMeta::default()
-    };
-    let role = ClusterRole {
-        metadata: meta.clone(),
-        rules: Some(rules),
-        ..ClusterRole::default()
-    };
-    let binding = ClusterRoleBinding {
-        metadata: meta,
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".to_owned(),
-            kind: "ClusterRole".to_owned(),
-            name: user.to_owned(),
-        },
-        subjects: Some(vec![Subject {
-            api_group: Some("rbac.authorization.k8s.io".to_owned()),
-            kind: "User".to_owned(),
-            name: user.to_owned(),
-            ..Subject::default()
-        }]),
-    };
-    (role, binding)
-}
-
-/// Read access to what the webhook caches, and Events for invalid annotations.
-pub fn webhook_rbac() -> (ClusterRole, ClusterRoleBinding) {
-    role_for_user(
-        WEBHOOK_USER,
-        vec![
-            rule(
-                &[""],
-                &["pods", "namespaces", "nodes"],
-                &["get", "list", "watch"],
-            ),
-            rule(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
-        ],
-    )
-}
-
-/// Nodes to watch, taint, mark and (action delete-node) delete; node Leases to read; its own
-/// leader Lease; Events; Cluster API Machines to annotate (action cluster-api).
-pub fn node_controller_rbac() -> (ClusterRole, ClusterRoleBinding) {
-    role_for_user(
-        NODE_CONTROLLER_USER,
-        vec![
-            rule(
-                &[""],
-                &["nodes"],
-                &["get", "list", "watch", "update", "patch", "delete"],
-            ),
-            rule(
-                &["coordination.k8s.io"],
-                &["leases"],
-                &["get", "list", "watch", "create", "update"],
-            ),
-            rule(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
-            rule(&["cluster.x-k8s.io"], &["machines"], &["get", "patch"]),
-        ],
-    )
-}
-
 fn pods_create() -> Option<Vec<RuleWithOperations>> {
     Some(vec![RuleWithOperations {
         api_groups: Some(strings(&[""])),
@@ -178,20 +103,20 @@ fn not_excluded() -> Option<LabelSelector> {
     })
 }
 
-fn client_config(url: String, ca_pem: &str) -> WebhookClientConfig {
+fn client_config(url: String) -> WebhookClientConfig {
     WebhookClientConfig {
         url: Some(url),
-        ca_bundle: Some(ByteString(ca_pem.as_bytes().to_vec())),
+        ca_bundle: None,
         service: None,
     }
 }
 
 /// The two registrations for a webhook served at `base_url` (e.g. `https://127.0.0.1:8443`),
 /// with the settings DESIGN.md asks for: pods CREATE only, `NoneOnDryRun`, a short timeout,
-/// exempt namespaces excluded. The e2e cluster fails closed so a broken webhook shows.
+/// exempt namespaces excluded. The e2e cluster fails closed so a broken webhook shows. No
+/// caBundle: the webhook's self-managed certificates fill it in.
 pub fn webhook_configurations(
     base_url: &str,
-    ca_pem: &str,
 ) -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {
     let meta = ObjectMeta {
         name: Some(WEBHOOK_CONFIGURATION.to_owned()),
@@ -201,7 +126,7 @@ pub fn webhook_configurations(
         metadata: meta.clone(),
         webhooks: Some(vec![MutatingWebhook {
             name: MUTATE_WEBHOOK.to_owned(),
-            client_config: client_config(format!("{base_url}/mutate"), ca_pem),
+            client_config: client_config(format!("{base_url}/mutate")),
             rules: pods_create(),
             admission_review_versions: strings(&["v1"]),
             side_effects: "NoneOnDryRun".to_owned(),
@@ -216,7 +141,7 @@ pub fn webhook_configurations(
         metadata: meta,
         webhooks: Some(vec![ValidatingWebhook {
             name: VALIDATE_WEBHOOK.to_owned(),
-            client_config: client_config(format!("{base_url}/validate"), ca_pem),
+            client_config: client_config(format!("{base_url}/validate")),
             rules: pods_create(),
             admission_review_versions: strings(&["v1"]),
             side_effects: "NoneOnDryRun".to_owned(),

@@ -14,7 +14,7 @@ use anyhow::Context;
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use bulwark_certs::{Ca, Pair, write_pem};
 
-use crate::objects::{NODE_CONTROLLER_USER, WEBHOOK_USER};
+use crate::objects::{BULWARK_NAMESPACE, NODE_CONTROLLER_SERVICE_ACCOUNT, WEBHOOK_SERVICE_ACCOUNT};
 
 /// The cluster IP of the `kubernetes` Service: first address of the service range.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
@@ -31,9 +31,8 @@ pub struct Pki {
     pub service_account_key: PathBuf,
     /// Verifies them.
     pub service_account_pub: PathBuf,
+    /// The webhook CA, as read back from the caBundle the webhook set.
     pub webhook_ca_cert: PathBuf,
-    pub webhook_cert: PathBuf,
-    pub webhook_key: PathBuf,
 }
 
 impl Pki {
@@ -47,8 +46,6 @@ impl Pki {
             service_account_key: file("service-account.key"),
             service_account_pub: file("service-account.pub"),
             webhook_ca_cert: file("webhook-ca.crt"),
-            webhook_cert: file("webhook.crt"),
-            webhook_key: file("webhook.key"),
         }
     }
 }
@@ -92,9 +89,20 @@ impl Identity {
             Identity::Scheduler => ("system:kube-scheduler", &[]),
             // kwok stands in for every kubelet, writing node and pod status of all nodes.
             Identity::Kwok => ("kwok", &["system:masters"]),
-            Identity::Webhook => (WEBHOOK_USER, &[]),
-            Identity::NodeController => (NODE_CONTROLLER_USER, &[]),
+            // bulwark's components authenticate as the admin and impersonate their
+            // ServiceAccounts, so they hold exactly the rights deploy/base/rbac.yaml grants.
+            Identity::Webhook | Identity::NodeController => ("e2e-admin", &["system:masters"]),
         }
+    }
+
+    /// The ServiceAccount user this identity acts as, if any.
+    pub fn impersonates(self) -> Option<String> {
+        let sa = match self {
+            Identity::Webhook => WEBHOOK_SERVICE_ACCOUNT,
+            Identity::NodeController => NODE_CONTROLLER_SERVICE_ACCOUNT,
+            _ => return None,
+        };
+        Some(format!("system:serviceaccount:{BULWARK_NAMESPACE}:{sa}"))
     }
 }
 
@@ -119,11 +127,6 @@ pub fn generate(dir: &Path, apiserver_url: &str) -> anyhow::Result<Pki> {
         ],
         &[loopback, IpAddr::V4(KUBERNETES_SERVICE_IP)],
     )?;
-    let webhook = bulwark_certs::generate(&bulwark_certs::Request {
-        dns_names: vec!["localhost".to_owned()],
-        ips: vec![loopback],
-        days: DAYS,
-    })?;
 
     let pki = Pki::in_dir(dir);
     write_pem(&pki.ca_cert, ca.cert_pem(), false)?;
@@ -132,22 +135,38 @@ pub fn generate(dir: &Path, apiserver_url: &str) -> anyhow::Result<Pki> {
     let sa = bulwark_certs::signing_key()?;
     write_pem(&pki.service_account_key, &sa.private_pem, true)?;
     write_pem(&pki.service_account_pub, &sa.public_pem, false)?;
-    write_pem(&pki.webhook_key, &webhook.key_pem, true)?;
-    write_pem(&pki.webhook_cert, &webhook.cert_pem, false)?;
-    write_pem(&pki.webhook_ca_cert, &webhook.ca_cert_pem, false)?;
 
     for who in Identity::ALL {
         let (user, groups) = who.user();
         let pair = ca.client(user, groups)?;
-        let config = kubeconfig(apiserver_url, ca.cert_pem(), user, &pair);
+        let config = kubeconfig(
+            apiserver_url,
+            ca.cert_pem(),
+            user,
+            &pair,
+            who.impersonates().as_deref(),
+        );
         write_pem(&kubeconfig_path(dir, who), &config, true)?;
     }
     Ok(pki)
 }
 
 /// A kubeconfig with everything embedded (JSON, which every kubeconfig reader accepts).
-fn kubeconfig(server: &str, ca_pem: &str, user: &str, pair: &Pair) -> String {
+fn kubeconfig(
+    server: &str,
+    ca_pem: &str,
+    user: &str,
+    pair: &Pair,
+    impersonate: Option<&str>,
+) -> String {
     let b64 = |s: &str| BASE64.encode(s.as_bytes());
+    let mut auth = serde_json::json!({
+        "client-certificate-data": b64(&pair.cert_pem),
+        "client-key-data": b64(&pair.key_pem),
+    });
+    if let Some(who) = impersonate {
+        auth["as"] = serde_json::Value::from(who);
+    }
     let config = serde_json::json!({
         "apiVersion": "v1",
         "kind": "Config",
@@ -155,10 +174,7 @@ fn kubeconfig(server: &str, ca_pem: &str, user: &str, pair: &Pair) -> String {
             "server": server,
             "certificate-authority-data": b64(ca_pem),
         }}],
-        "users": [{"name": user, "user": {
-            "client-certificate-data": b64(&pair.cert_pem),
-            "client-key-data": b64(&pair.key_pem),
-        }}],
+        "users": [{"name": user, "user": auth}],
         "contexts": [{"name": "bulwark-e2e", "context": {"cluster": "bulwark-e2e", "user": user}}],
         "current-context": "bulwark-e2e",
     });

@@ -5,6 +5,7 @@ pub mod admission;
 pub mod admit;
 pub mod backoff;
 pub mod cache;
+pub mod certs;
 pub mod config;
 pub mod defaults;
 pub mod jitter;

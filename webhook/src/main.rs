@@ -82,12 +82,15 @@ struct WebhookArgs {
     /// Address for plain-HTTP Prometheus metrics (/metrics).
     #[arg(long, default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
-    /// PEM certificate chain; reloaded when it changes on disk.
-    #[arg(long)]
-    tls_cert: PathBuf,
+    /// PEM certificate chain; reloaded when it changes on disk. Either this and --tls-key, or
+    /// --cert-secret.
+    #[arg(long, requires = "tls_key", conflicts_with = "cert_secret")]
+    tls_cert: Option<PathBuf>,
     /// PEM private key; reloaded when it changes on disk.
-    #[arg(long)]
-    tls_key: PathBuf,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    managed: ManagedCertArgs,
     /// YAML file with cluster defaults (see README).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -106,11 +109,46 @@ struct WebhookArgs {
     drain_seconds: u64,
 }
 
-#[derive(Parser)]
-struct CertsArgs {
-    /// Directory for ca.crt, tls.crt and tls.key.
+/// Self-managed certificates: kept in a Secret, renewed before expiry, caBundle kept current.
+#[derive(clap::Args)]
+struct ManagedCertArgs {
+    /// Keep the serving certificate in this Secret (created if missing) instead of files.
     #[arg(long)]
-    out_dir: PathBuf,
+    cert_secret: Option<String>,
+    /// Namespace of the Secret and the Service (default: $POD_NAMESPACE, else bulwark-system).
+    #[arg(long)]
+    cert_namespace: Option<String>,
+    /// The webhook's Service; the certificate names all its DNS forms.
+    #[arg(long, default_value = "bulwark-webhook")]
+    service: String,
+    /// More DNS names for the certificate (repeatable).
+    #[arg(long = "cert-dns")]
+    cert_dns: Vec<String>,
+    /// IP addresses for the certificate (repeatable), e.g. for a URL clientConfig.
+    #[arg(long = "cert-ip")]
+    cert_ip: Vec<IpAddr>,
+    /// The Mutating- and ValidatingWebhookConfiguration whose caBundle is kept current.
+    #[arg(long, default_value = "bulwark")]
+    webhook_configuration: String,
+    /// Serving certificate validity; renewed with a third left.
+    #[arg(long, default_value_t = 365)]
+    cert_days: u32,
+    /// CA validity; a new CA is trusted (caBundle) before it signs what is served.
+    #[arg(long, default_value_t = 3650)]
+    ca_days: u32,
+    /// How long a new CA sits in the caBundle before a certificate it signed is served.
+    #[arg(long, default_value_t = 60)]
+    ca_propagation_seconds: u64,
+}
+
+#[derive(Parser)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct CertsArgs {
+    #[command(subcommand)]
+    action: Option<CertsAction>,
+    /// Directory for ca.crt, tls.crt and tls.key.
+    #[arg(long, required = true)]
+    out_dir: Option<PathBuf>,
     /// DNS names for the serving certificate (repeatable).
     #[arg(long = "dns")]
     dns: Vec<String>,
@@ -120,6 +158,28 @@ struct CertsArgs {
     /// Validity in days.
     #[arg(long, default_value_t = 365)]
     days: u32,
+    /// Also set the new CA as the caBundle of this Mutating- and ValidatingWebhookConfiguration.
+    #[arg(long)]
+    patch_webhook_configuration: Option<String>,
+    /// kubeconfig for --patch-webhook-configuration; default: in-cluster config, then $KUBECONFIG.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Ask the webhook replicas for a new self-managed serving certificate now.
+    Rotate {
+        /// Namespace of the certificate Secret.
+        #[arg(long, default_value = "bulwark-system")]
+        namespace: String,
+        /// The certificate Secret (the webhook's --cert-secret).
+        #[arg(long, default_value = "bulwark-webhook-tls")]
+        secret: String,
+        /// kubeconfig; default: in-cluster config, then $KUBECONFIG.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -140,7 +200,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Certs(args) => certs(args),
+        Command::Certs(args) => runtime().and_then(|rt| rt.block_on(certs(args))),
         Command::Webhook(args) => runtime().and_then(|rt| rt.block_on(webhook(args))),
         Command::NodeController(args) => {
             runtime().and_then(|rt| rt.block_on(node_controller(args)))
@@ -200,19 +260,52 @@ async fn node_controller(args: NodeControllerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn certs(args: CertsArgs) -> anyhow::Result<()> {
+async fn certs(args: CertsArgs) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Some(CertsAction::Rotate {
+        namespace,
+        secret,
+        kubeconfig,
+    }) = args.action
+    {
+        let client = kube_client(kubeconfig, true).await?;
+        let value = bulwark::certs::sync::request_rotation(client, &namespace, &secret)
+            .await
+            .with_context(|| format!("asking for a rotation on Secret {namespace}/{secret}"))?;
+        eprintln!(
+            "asked for a new serving certificate ({} = {value}); the webhook replicas write and load it within seconds",
+            bulwark::certs::ROTATE_ANNOTATION
+        );
+        return Ok(());
+    }
+    let out_dir = args
+        .out_dir
+        .context("--out-dir is required to generate certificates")?;
     let bundle = bulwark_certs::generate(&bulwark_certs::Request {
         dns_names: args.dns,
         ips: args.ip,
         days: args.days,
     })?;
-    let written = bulwark_certs::write(&bundle, &args.out_dir)?;
+    let written = bulwark_certs::write(&bundle, &out_dir)?;
     eprintln!(
         "wrote {}, {}, {}",
         written.ca_cert.display(),
         written.cert.display(),
         written.key.display()
     );
+    if let Some(name) = &args.patch_webhook_configuration {
+        let client = kube_client(args.kubeconfig, true).await?;
+        let results = bulwark::certs::sync::set_ca_bundle(&client, name, &bundle.ca_cert_pem).await;
+        for (kind, r) in bulwark::certs::sync::CONFIGURATION_KINDS
+            .iter()
+            .zip(results)
+        {
+            match r.with_context(|| format!("setting the caBundle of {kind} {name}"))? {
+                true => eprintln!("caBundle of {kind} {name} set"),
+                false => anyhow::bail!("{kind} {name} not found"),
+            }
+        }
+    }
     // The caBundle value for the webhook configurations.
     println!("{}", BASE64.encode(bundle.ca_cert_pem.as_bytes()));
     Ok(())
@@ -235,6 +328,26 @@ async fn kube_client(kubeconfig: Option<PathBuf>, retry: bool) -> anyhow::Result
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
+fn managed_options(args: ManagedCertArgs, secret: String) -> bulwark::certs::sync::Options {
+    let namespace = args
+        .cert_namespace
+        .unwrap_or_else(|| env_or("POD_NAMESPACE", || "bulwark-system".into()));
+    let mut dns_names = bulwark_certs::service_dns_names(&args.service, &namespace);
+    dns_names.extend(args.cert_dns);
+    bulwark::certs::sync::Options {
+        wanted: bulwark::certs::Wanted {
+            dns_names,
+            ips: args.cert_ip,
+            ca_days: args.ca_days,
+            cert_days: args.cert_days,
+            ca_propagation: Duration::from_secs(args.ca_propagation_seconds),
+        },
+        namespace,
+        secret,
+        webhook_configuration: args.webhook_configuration,
+    }
+}
+
 async fn webhook(args: WebhookArgs) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut config = match &args.config {
@@ -248,13 +361,30 @@ async fn webhook(args: WebhookArgs) -> anyhow::Result<()> {
     {
         config.exempt_namespaces.push(ns);
     }
-    let certs = CertStore::load(args.tls_cert.clone(), args.tls_key.clone())?;
     let app = App::new(Arc::new(config), args.offline);
-
-    if args.offline {
+    let client = if args.offline {
         tracing::info!("offline: no API server; policy from config, counts from own admissions");
+        None
     } else {
-        let client = kube_client(args.kubeconfig, true).await?;
+        Some(kube_client(args.kubeconfig, true).await?)
+    };
+    let certs = match (
+        args.tls_cert,
+        args.tls_key,
+        args.managed.cert_secret.clone(),
+    ) {
+        (Some(cert), Some(key), None) => CertStore::load(cert, key)?,
+        (None, None, Some(secret)) => {
+            let client = client.clone().context(
+                "--cert-secret needs the API server; use --tls-cert and --tls-key with --offline",
+            )?;
+            let opts = managed_options(args.managed, secret);
+            tracing::info!(secret = %format!("{}/{}", opts.namespace, opts.secret), names = ?opts.wanted.dns_names, "self-managed serving certificate");
+            bulwark::certs::sync::start(client, opts, app.metrics.clone()).await?
+        }
+        _ => anyhow::bail!("give either --tls-cert and --tls-key, or --cert-secret"),
+    };
+    if let Some(client) = client {
         watch::spawn(
             client,
             app.cache.clone(),

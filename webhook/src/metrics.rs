@@ -21,6 +21,8 @@ pub struct Metrics {
     pub bad_requests: IntCounterVec,
     pub policy_problems: IntCounterVec,
     pub tls_reloads: IntCounterVec,
+    pub cert_writes: IntCounterVec,
+    pub cert_not_after: Gauge,
     pods: IntGaugeVec,
     reservations: IntGauge,
     schedulable_nodes: IntGauge,
@@ -100,6 +102,25 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new("tls_reloads_total", "Serving certificate reloads"),
                     &["result"],
+                )
+                .expect("valid metric"),
+            ),
+            cert_writes: register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "certificate_secret_writes_total",
+                        "Writes of the self-managed certificate Secret, by why",
+                    ),
+                    &["why"],
+                )
+                .expect("valid metric"),
+            ),
+            cert_not_after: register(
+                r,
+                Gauge::new(
+                    "serving_certificate_expiry_timestamp_seconds",
+                    "When the self-managed serving certificate expires (Unix seconds)",
                 )
                 .expect("valid metric"),
             ),

@@ -53,32 +53,48 @@ pub fn load_certified_key(
     key_path: &Path,
     provider: &CryptoProvider,
 ) -> Result<CertifiedKey, TlsError> {
-    let cert_name = cert_path.display().to_string();
-    let key_name = key_path.display().to_string();
-    let chain = CertificateDer::pem_slice_iter(&read(cert_path)?)
+    parse_pair(
+        &read(cert_path)?,
+        &read(key_path)?,
+        (
+            &cert_path.display().to_string(),
+            &key_path.display().to_string(),
+        ),
+        provider,
+    )
+}
+
+/// A PEM chain and key, checked to belong together; `names` say where they came from.
+fn parse_pair(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    (cert_name, key_name): (&str, &str),
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, TlsError> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Pem {
-            path: cert_name.clone(),
+            path: cert_name.to_owned(),
             message: e.to_string(),
         })?;
     if chain.is_empty() {
-        return Err(TlsError::NoCertificate { path: cert_name });
+        return Err(TlsError::NoCertificate {
+            path: cert_name.to_owned(),
+        });
     }
-    let key = PrivateKeyDer::from_pem_slice(&read(key_path)?).map_err(|e| TlsError::Key {
-        path: key_name.clone(),
-        message: e.to_string(),
-    })?;
+    let key_err = |message: String| TlsError::Key {
+        path: key_name.to_owned(),
+        message,
+    };
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| key_err(e.to_string()))?;
     let signing = provider
         .key_provider
         .load_private_key(key)
-        .map_err(|e| TlsError::Key {
-            path: key_name.clone(),
-            message: e.to_string(),
-        })?;
+        .map_err(|e| key_err(e.to_string()))?;
     let certified = CertifiedKey::new(chain, signing);
     certified.keys_match().map_err(|_| TlsError::Mismatch {
-        cert: cert_name,
-        key: key_name,
+        cert: cert_name.to_owned(),
+        key: key_name.to_owned(),
     })?;
     Ok(certified)
 }
@@ -99,23 +115,39 @@ fn stamp(cert: &Path, key: &Path) -> Stamp {
     }
 }
 
-/// The current serving certificate, and where it comes from.
-pub struct CertStore {
+/// Files a serving certificate is loaded from, and the version last loaded.
+struct Files {
     cert_path: PathBuf,
     key_path: PathBuf,
+    loaded: Mutex<Stamp>,
+}
+
+/// The current serving certificate: from files (reloaded when they change) or handed over in
+/// memory (self-managed certificates kept in a Secret).
+pub struct CertStore {
+    files: Option<Files>,
     provider: Arc<CryptoProvider>,
     current: RwLock<Arc<CertifiedKey>>,
-    loaded: Mutex<Stamp>,
+    /// The certificate PEM last handed over in memory, to tell a new one from a repeat.
+    pem: Mutex<String>,
 }
 
 impl std::fmt::Debug for CertStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertStore")
-            .field("cert_path", &self.cert_path)
-            .field("key_path", &self.key_path)
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("CertStore");
+        if let Some(files) = &self.files {
+            d.field("cert_path", &files.cert_path)
+                .field("key_path", &files.key_path);
+        }
+        d.finish_non_exhaustive()
     }
 }
+
+/// Where a certificate handed over in memory comes from, for error messages.
+const SECRET: (&str, &str) = (
+    "tls.crt of the certificate Secret",
+    "tls.key of the certificate Secret",
+);
 
 impl CertStore {
     /// Loads the files once; a failure here is a start-up error.
@@ -124,22 +156,58 @@ impl CertStore {
         let before = stamp(&cert_path, &key_path);
         let key = load_certified_key(&cert_path, &key_path, &provider)?;
         Ok(Arc::new(CertStore {
-            cert_path,
-            key_path,
+            files: Some(Files {
+                cert_path,
+                key_path,
+                loaded: Mutex::new(before),
+            }),
             provider,
             current: RwLock::new(Arc::new(key)),
-            loaded: Mutex::new(before),
+            pem: Mutex::new(String::new()),
         }))
+    }
+
+    /// A store for a certificate held in memory; [`CertStore::replace`] swaps it.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Arc<Self>, TlsError> {
+        let provider = provider();
+        let key = parse_pair(cert_pem.as_bytes(), key_pem.as_bytes(), SECRET, &provider)?;
+        Ok(Arc::new(CertStore {
+            files: None,
+            provider,
+            current: RwLock::new(Arc::new(key)),
+            pem: Mutex::new(cert_pem.to_owned()),
+        }))
+    }
+
+    /// Serves `cert_pem` to new connections from now on. Returns `Ok(true)` on a swap,
+    /// `Ok(false)` when it is the certificate already served; a bad pair changes nothing.
+    pub fn replace(&self, cert_pem: &str, key_pem: &str) -> Result<bool, TlsError> {
+        let mut pem = self.pem.lock().unwrap_or_else(PoisonError::into_inner);
+        if *pem == cert_pem {
+            return Ok(false);
+        }
+        let key = parse_pair(
+            cert_pem.as_bytes(),
+            key_pem.as_bytes(),
+            SECRET,
+            &self.provider,
+        )?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
+        cert_pem.clone_into(&mut pem);
+        Ok(true)
     }
 
     /// Reloads if the files changed since the last load. Returns `Ok(true)` on a swap.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let now = stamp(&self.cert_path, &self.key_path);
-        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(files) = &self.files else {
+            return Ok(false);
+        };
+        let now = stamp(&files.cert_path, &files.key_path);
+        let mut loaded = files.loaded.lock().unwrap_or_else(PoisonError::into_inner);
         if now.is_none() || now == *loaded {
             return Ok(false);
         }
-        let key = load_certified_key(&self.cert_path, &self.key_path, &self.provider)?;
+        let key = load_certified_key(&files.cert_path, &files.key_path, &self.provider)?;
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
         *loaded = now;
         Ok(true)
@@ -155,8 +223,12 @@ impl CertStore {
         Ok(Arc::new(config))
     }
 
-    /// Polls the files every `interval` and swaps the certificate when they change.
+    /// Polls the files every `interval` and swaps the certificate when they change; returns at
+    /// once for a certificate held in memory.
     pub async fn watch(self: Arc<Self>, interval: Duration, metrics: Arc<Metrics>) {
+        let Some(files) = &self.files else {
+            return;
+        };
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -164,7 +236,7 @@ impl CertStore {
             match self.reload_if_changed() {
                 Ok(false) => {}
                 Ok(true) => {
-                    tracing::info!(cert = %self.cert_path.display(), "serving certificate reloaded");
+                    tracing::info!(cert = %files.cert_path.display(), "serving certificate reloaded");
                     metrics.tls_reloads.with_label_values(&["ok"]).inc();
                 }
                 Err(e) => {

@@ -1,0 +1,409 @@
+//! Keeps the certificate Secret, the served certificate and the webhook configurations'
+//! caBundle in step. Reads and writes go through the API server; the plan is in the parent.
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    ByteString,
+    api::{
+        admissionregistration::v1::{
+            MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
+        },
+        core::v1::Secret,
+    },
+};
+use kube::{
+    Api, Client, Resource,
+    api::{Patch, PatchParams, PostParams},
+    runtime::{WatchStreamExt, watcher},
+};
+
+use super::{
+    CA_STAGED_ANNOTATION, Plan, ROTATE_ANNOTATION, ROTATED_ANNOTATION, Stored, Wanted, plan,
+};
+use crate::{backoff::Jittered, metrics::Metrics, tls::CertStore, tls::TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("certificate Secret {secret}: {source}")]
+    Api { secret: String, source: kube::Error },
+    #[error("generating certificates: {0}")]
+    Cert(#[from] bulwark_certs::CertError),
+    #[error("the Secret's serving certificate: {0}")]
+    Tls(#[from] TlsError),
+    #[error("certificate Secret {0}: changed by others on every attempt")]
+    Contended(String),
+}
+
+/// Where the certificate lives and what it must be.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub namespace: String,
+    pub secret: String,
+    /// The Mutating- and ValidatingWebhookConfiguration whose caBundle bulwark keeps current.
+    pub webhook_configuration: String,
+    pub wanted: Wanted,
+}
+
+impl Options {
+    fn secret_ref(&self) -> String {
+        format!("{}/{}", self.namespace, self.secret)
+    }
+}
+
+const CA_CRT: &str = "ca.crt";
+const CA_KEY: &str = "ca.key";
+const TLS_CRT: &str = "tls.crt";
+const TLS_KEY: &str = "tls.key";
+
+fn text(data: &BTreeMap<String, ByteString>, key: &str) -> String {
+    // A non-UTF-8 value is as unusable as a missing one; the plan replaces it.
+    data.get(key)
+        .and_then(|v| String::from_utf8(v.0.clone()).ok())
+        .unwrap_or_default()
+}
+
+impl Stored {
+    pub fn from_secret(secret: &Secret) -> Stored {
+        let data = secret.data.clone().unwrap_or_default();
+        let annotations = secret.metadata.annotations.clone().unwrap_or_default();
+        Stored {
+            ca_bundle: text(&data, CA_CRT),
+            ca_key: text(&data, CA_KEY),
+            cert: text(&data, TLS_CRT),
+            key: text(&data, TLS_KEY),
+            rotate: annotations.get(ROTATE_ANNOTATION).cloned(),
+            rotated: annotations.get(ROTATED_ANNOTATION).cloned(),
+            ca_staged_at: annotations
+                .get(CA_STAGED_ANNOTATION)
+                .and_then(|v| v.parse().ok()),
+        }
+    }
+
+    /// `base` with this content; its other labels and annotations are kept.
+    fn into_secret(self, mut base: Secret) -> Secret {
+        let bytes = |s: String| ByteString(s.into_bytes());
+        base.type_ = Some("kubernetes.io/tls".into());
+        base.string_data = None;
+        base.data = Some(BTreeMap::from([
+            (CA_CRT.into(), bytes(self.ca_bundle)),
+            (CA_KEY.into(), bytes(self.ca_key)),
+            (TLS_CRT.into(), bytes(self.cert)),
+            (TLS_KEY.into(), bytes(self.key)),
+        ]));
+        let annotations = base.metadata.annotations.get_or_insert_with(BTreeMap::new);
+        match self.rotated {
+            Some(r) => annotations.insert(ROTATED_ANNOTATION.into(), r),
+            None => annotations.remove(ROTATED_ANNOTATION),
+        };
+        match self.ca_staged_at {
+            Some(t) => annotations.insert(CA_STAGED_ANNOTATION.into(), t.to_string()),
+            None => annotations.remove(CA_STAGED_ANNOTATION),
+        };
+        base
+    }
+}
+
+/// Brings the Secret to what the plan wants and returns it with the time to look again.
+/// Concurrent writers are resolved by the resourceVersion: a loser reads again and, finding
+/// the winner's certificate good, keeps it.
+async fn settle(
+    api: &Api<Secret>,
+    opts: &Options,
+    metrics: &Metrics,
+) -> Result<(Stored, SystemTime), SyncError> {
+    let api_err = |source| SyncError::Api {
+        secret: opts.secret_ref(),
+        source,
+    };
+    for _ in 0..8 {
+        let current = api.get_opt(&opts.secret).await.map_err(api_err)?;
+        let stored = current.as_ref().map(Stored::from_secret);
+        let (next, why) = match plan(stored.as_ref(), &opts.wanted, SystemTime::now())? {
+            Plan::Keep { recheck_at } => match stored {
+                Some(s) => return Ok((s, recheck_at)),
+                None => continue,
+            },
+            Plan::Write { next, why } => (next, why),
+        };
+        let result = match current {
+            None => {
+                let mut base = Secret::default();
+                base.metadata.name = Some(opts.secret.clone());
+                base.metadata.namespace = Some(opts.namespace.clone());
+                let labels = base.metadata.labels.get_or_insert_with(BTreeMap::new);
+                labels.insert("app.kubernetes.io/name".into(), "bulwark".into());
+                labels.insert("app.kubernetes.io/component".into(), "webhook".into());
+                api.create(&PostParams::default(), &next.into_secret(base))
+                    .await
+            }
+            // The resourceVersion read above travels with `base`: a replace after someone
+            // else's write is refused with 409.
+            Some(base) => {
+                api.replace(
+                    &opts.secret,
+                    &PostParams::default(),
+                    &next.into_secret(base),
+                )
+                .await
+            }
+        };
+        match result {
+            Ok(_) => {
+                metrics.cert_writes.with_label_values(&[why.as_str()]).inc();
+                tracing::info!(secret = %opts.secret_ref(), why = why.as_str(), "certificate Secret written");
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                tracing::debug!(secret = %opts.secret_ref(), "another replica wrote the Secret first; reading it again");
+            }
+            Err(e) => return Err(api_err(e)),
+        }
+    }
+    Err(SyncError::Contended(opts.secret_ref()))
+}
+
+fn client_configs_mutating(c: &mut MutatingWebhookConfiguration) -> Vec<&mut WebhookClientConfig> {
+    c.webhooks
+        .iter_mut()
+        .flatten()
+        .map(|w| &mut w.client_config)
+        .collect()
+}
+
+fn client_configs_validating(
+    c: &mut ValidatingWebhookConfiguration,
+) -> Vec<&mut WebhookClientConfig> {
+    c.webhooks
+        .iter_mut()
+        .flatten()
+        .map(|w| &mut w.client_config)
+        .collect()
+}
+
+/// Sets the caBundle of every webhook in the named configuration. `Ok(false)`: it does not
+/// exist (yet: an install applies it alongside the Deployment).
+async fn sync_bundle<K>(
+    api: Api<K>,
+    name: &str,
+    bundle: &ByteString,
+    configs: fn(&mut K) -> Vec<&mut WebhookClientConfig>,
+) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let Some(mut obj) = api.get_opt(name).await? else {
+        return Ok(false);
+    };
+    let mut changed = false;
+    for c in configs(&mut obj) {
+        if c.ca_bundle.as_ref() != Some(bundle) {
+            c.ca_bundle = Some(bundle.clone());
+            changed = true;
+        }
+    }
+    if changed {
+        api.replace(name, &PostParams::default(), &obj).await?;
+        tracing::info!(
+            kind = %K::kind(&Default::default()),
+            name,
+            "caBundle updated"
+        );
+    }
+    Ok(true)
+}
+
+/// Sets `bundle_pem` as the caBundle of every webhook in the Mutating- and the
+/// ValidatingWebhookConfiguration called `name`; for each, `Ok(false)` if it does not exist.
+pub async fn set_ca_bundle(
+    client: &Client,
+    name: &str,
+    bundle_pem: &str,
+) -> [Result<bool, kube::Error>; 2] {
+    let bundle = ByteString(bundle_pem.as_bytes().to_vec());
+    [
+        sync_bundle(
+            Api::<MutatingWebhookConfiguration>::all(client.clone()),
+            name,
+            &bundle,
+            client_configs_mutating,
+        )
+        .await,
+        sync_bundle(
+            Api::<ValidatingWebhookConfiguration>::all(client.clone()),
+            name,
+            &bundle,
+            client_configs_validating,
+        )
+        .await,
+    ]
+}
+
+/// The kinds [`set_ca_bundle`] answers for, in its order.
+pub const CONFIGURATION_KINDS: [&str; 2] = [
+    "MutatingWebhookConfiguration",
+    "ValidatingWebhookConfiguration",
+];
+
+/// Serves the Secret's pair and makes the caBundle its CA bundle. `false` when something is
+/// missing or failed, so the caller looks again soon.
+async fn publish(
+    client: &Client,
+    opts: &Options,
+    stored: &Stored,
+    store: &CertStore,
+    metrics: &Metrics,
+) -> bool {
+    match store.replace(&stored.cert, &stored.key) {
+        Ok(true) => tracing::info!(secret = %opts.secret_ref(), "serving certificate rotated"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(secret = %opts.secret_ref(), error = %e, "the Secret's serving pair is unusable; serving the current one");
+            return false;
+        }
+    }
+    if let Ok(f) = bulwark_certs::facts(&stored.cert) {
+        let secs = f
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        metrics.cert_not_after.set(secs as f64);
+    }
+    let name = &opts.webhook_configuration;
+    let results = set_ca_bundle(client, name, &stored.ca_bundle).await;
+    let mut ok = true;
+    for (kind, r) in CONFIGURATION_KINDS.iter().zip(results) {
+        match r {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    kind,
+                    name,
+                    "webhook configuration not found; its caBundle is set once it exists"
+                );
+                ok = false;
+            }
+            Err(e) => {
+                tracing::warn!(kind, name, error = %e, "caBundle not updated; retrying");
+                ok = false;
+            }
+        }
+    }
+    ok
+}
+
+/// How soon to look again when everything is in order: renewals are planned by time, but
+/// someone may edit the configurations (e.g. a re-install that drops the caBundle).
+const RECHECK: Duration = Duration::from_secs(300);
+/// How soon to look again after a failure or a missing configuration.
+const RETRY: Duration = Duration::from_secs(10);
+/// Start-up attempts before giving up with the error (the Pod restarts with back-off).
+const START_ATTEMPTS: u32 = 6;
+
+/// Settles the Secret, loads its certificate and keeps everything current in the background.
+pub async fn start(
+    client: Client,
+    opts: Options,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<CertStore>, SyncError> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), &opts.namespace);
+    let mut backoff = Jittered::new(Duration::from_millis(500), Duration::from_secs(8));
+    let mut attempt = 0;
+    let (stored, recheck) = loop {
+        match settle(&api, &opts, &metrics).await {
+            Ok(settled) => break settled,
+            Err(e) if attempt + 1 >= START_ATTEMPTS => return Err(e),
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "certificate Secret not ready; retrying");
+                tokio::time::sleep(backoff.next().unwrap_or(RETRY)).await;
+            }
+        }
+    };
+    let store = CertStore::from_pem(&stored.cert, &stored.key)?;
+    let published = publish(&client, &opts, &stored, &store, &metrics).await;
+    let first = if published {
+        recheck
+    } else {
+        SystemTime::now() + RETRY
+    };
+    tokio::spawn(keep_current(
+        client,
+        api,
+        opts,
+        store.clone(),
+        metrics,
+        first,
+    ));
+    Ok(store)
+}
+
+fn sleep_until(t: SystemTime) -> tokio::time::Sleep {
+    let wait = t
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    tokio::time::sleep(wait.min(RECHECK))
+}
+
+/// Reacts to every change of the Secret (another replica's rotation, `bulwark certs rotate`)
+/// and to the planned times.
+async fn keep_current(
+    client: Client,
+    api: Api<Secret>,
+    opts: Options,
+    store: Arc<CertStore>,
+    metrics: Arc<Metrics>,
+    mut next: SystemTime,
+) {
+    let config = watcher::Config::default().fields(&format!("metadata.name={}", opts.secret));
+    let mut events =
+        std::pin::pin!(watcher::watcher(api.clone(), config).backoff(Jittered::for_watches()));
+    loop {
+        tokio::select! {
+            event = events.next() => match event {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(secret = %opts.secret_ref(), error = %e, "watch of the certificate Secret failed; retrying");
+                    continue;
+                }
+                None => return,
+            },
+            () = sleep_until(next) => {}
+        }
+        next = match settle(&api, &opts, &metrics).await {
+            Ok((stored, recheck)) => {
+                if publish(&client, &opts, &stored, &store, &metrics).await {
+                    recheck.min(SystemTime::now() + RECHECK)
+                } else {
+                    SystemTime::now() + RETRY
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "certificate Secret not settled; retrying");
+                SystemTime::now() + RETRY
+            }
+        };
+    }
+}
+
+/// Asks the replicas for a new serving certificate (`bulwark certs rotate`).
+pub async fn request_rotation(
+    client: Client,
+    namespace: &str,
+    secret: &str,
+) -> Result<String, kube::Error> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    let value = format!("{}.{:09}", now.as_secs(), now.subsec_nanos());
+    let patch = serde_json::json!({"metadata": {"annotations": {ROTATE_ANNOTATION: value}}});
+    Api::<Secret>::namespaced(client, namespace)
+        .patch(secret, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(value)
+}
