@@ -111,6 +111,12 @@ pub struct Ports {
     pub node_controller_metrics: u16,
 }
 
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port on 127.0.0.1")?;
+    Ok(listener.local_addr()?.port())
+}
+
 impl Ports {
     /// Free ports, asked of the kernel all at once so that none repeats.
     fn pick() -> anyhow::Result<Ports> {
@@ -680,19 +686,40 @@ impl Cluster {
         identity: &str,
         extra: &[&str],
     ) -> anyhow::Result<()> {
-        // `extra` replaces a flag of the cluster's own controller (e.g. its --config).
+        let identity = format!("--identity={identity}");
+        let mut flags = vec![identity.as_str(), "--metrics-listen=127.0.0.1:0"];
+        flags.extend_from_slice(extra);
+        self.spawn_another(Component::NodeController, name, &flags)
+    }
+
+    /// Another `bulwark webhook` replica next to the cluster's own, as `name`, serving HTTPS
+    /// on `port`; stopped by `down`. It is not registered: the tests call it directly.
+    pub fn spawn_webhook_replica(&mut self, name: &str, port: u16) -> anyhow::Result<()> {
+        let listen = format!("--listen=127.0.0.1:{port}");
+        self.spawn_another(
+            Component::Webhook,
+            name,
+            &[&listen, "--metrics-listen=127.0.0.1:0"],
+        )
+    }
+
+    /// Runs `component` once more as `name`; each of `flags` replaces the component's flag of
+    /// the same name (e.g. its --config), or is added.
+    fn spawn_another(
+        &mut self,
+        component: Component,
+        name: &str,
+        flags: &[&str],
+    ) -> anyhow::Result<()> {
         let flag = |a: &str| a.split('=').next().unwrap_or_default().to_owned();
-        let replaced: Vec<String> = extra.iter().map(|a| flag(a)).collect();
+        let replaced: Vec<String> = flags.iter().map(|a| flag(a)).collect();
         let mut args: Vec<String> = self
             .state
-            .args(Component::NodeController)
+            .args(component)
             .into_iter()
-            .filter(|a| !a.starts_with("--identity=") && !a.starts_with("--metrics-listen="))
             .filter(|a| !replaced.contains(&flag(a)))
             .collect();
-        args.push(format!("--identity={identity}"));
-        args.push("--metrics-listen=127.0.0.1:0".into());
-        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        args.extend(flags.iter().map(|a| (*a).to_owned()));
         let daemon = self.run.spawn(name, &self.state.bulwark, &args)?;
         self.daemons.push(daemon);
         Ok(())

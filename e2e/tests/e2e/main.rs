@@ -6,6 +6,7 @@
 //! node cordons, the API server's life), bring it down whatever happened. Arguments filter
 //! tests by substring, like libtest; `--list` lists them.
 
+mod deploy;
 mod nodes;
 mod support;
 
@@ -22,6 +23,10 @@ use anyhow::{Context, bail, ensure};
 use bulwark_e2e::{
     Cluster, Options,
     cluster::{Component, DEFAULTED_ANNOTATION},
+};
+use deploy::{
+    deploy_manifests_are_accepted_by_the_api_server, kustomize_and_helm_render_the_same_objects,
+    rbac_is_least_privilege, self_managed_certificates_rotate_without_failed_admissions,
 };
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::{
@@ -64,6 +69,10 @@ fn tests() -> Vec<(&'static str, TestFn)> {
         started_workflows_go_first,
         dry_run_consumes_nothing,
         exempt_namespaces_and_critical_pods,
+        self_managed_certificates_rotate_without_failed_admissions,
+        rbac_is_least_privilege,
+        deploy_manifests_are_accepted_by_the_api_server,
+        kustomize_and_helm_render_the_same_objects,
         job_of_300_completes_under_pending_cap,
         unhealthy_node_is_tainted_marked_and_restored,
         stale_lease_taints_the_node,

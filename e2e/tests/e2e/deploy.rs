@@ -1,0 +1,653 @@
+//! What an install is made of: the deploy/ manifests and Helm chart against the real API
+//! server, least-privilege RBAC, and the webhook's self-managed certificates.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::TcpStream,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+use bulwark_e2e::{
+    cluster::{WEBHOOK_SECRET, cert_manager_crds, deploy_dir, free_port},
+    objects::{BULWARK_NAMESPACE, WEBHOOK_CONFIGURATION},
+    pki::{Identity, kubeconfig_path},
+};
+use k8s_openapi::api::{
+    admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration},
+    core::v1::Secret,
+};
+use kube::Api;
+use serde_json::{Value, json};
+
+use crate::support::{Ctx, eventually, pod};
+
+/// One way to install bulwark, rendered to YAML.
+struct Rendering {
+    name: &'static str,
+    yaml: String,
+}
+
+/// kustomize (`kubectl kustomize`) for the base and each overlay, and `helm template` with the
+/// values that correspond to each.
+async fn renderings(ctx: &Ctx) -> anyhow::Result<(Vec<Rendering>, Vec<Rendering>)> {
+    let deploy = deploy_dir();
+    let mut kustomize = Vec::new();
+    for (name, dir) in [
+        ("kustomize base", "base"),
+        ("kustomize fail-closed", "overlays/fail-closed"),
+        ("kustomize cert-manager", "overlays/cert-manager"),
+    ] {
+        let dir = deploy.join(dir).display().to_string();
+        let out = ctx.kubectl(&["kustomize", &dir], None).await?;
+        ensure!(out.success, "{name}: {}", out.stderr);
+        kustomize.push(Rendering {
+            name,
+            yaml: out.stdout,
+        });
+    }
+    let chart = deploy.join("helm/bulwark").display().to_string();
+    let mut helm = Vec::new();
+    for (name, set) in [
+        ("helm defaults", None),
+        (
+            "helm failurePolicy=Fail",
+            Some("webhook.failurePolicy=Fail"),
+        ),
+        ("helm certManager", Some("certManager.enabled=true")),
+    ] {
+        let mut cmd = tokio::process::Command::new(ctx.state().helm());
+        cmd.args(["template", "bulwark", &chart]);
+        if let Some(set) = set {
+            cmd.args(["--set", set]);
+        }
+        let out = cmd.output().await.context("running helm")?;
+        ensure!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        helm.push(Rendering {
+            name,
+            yaml: String::from_utf8_lossy(&out.stdout).into_owned(),
+        });
+    }
+    Ok((kustomize, helm))
+}
+
+type Key = (String, String, String);
+
+/// The objects of a rendering by kind, namespace and name.
+fn objects(r: &Rendering) -> anyhow::Result<BTreeMap<Key, Value>> {
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(&r.yaml).with_context(|| format!("parsing {}", r.name))?;
+    let mut out = BTreeMap::new();
+    for doc in docs.into_iter().filter(|d| !d.is_null()) {
+        let field = |p: &str| {
+            doc.pointer(p)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        };
+        let key = (
+            field("/kind"),
+            field("/metadata/namespace"),
+            field("/metadata/name"),
+        );
+        ensure!(
+            out.insert(key.clone(), doc).is_none(),
+            "{}: {key:?} twice",
+            r.name
+        );
+    }
+    Ok(out)
+}
+
+/// bulwark's own pods must carry requests and limits, or bulwark would refuse to leave them
+/// alone elsewhere; and they must meet the restricted Pod Security Standard.
+fn check_workloads(r: &Rendering, objs: &BTreeMap<Key, Value>) -> anyhow::Result<usize> {
+    let mut checked = 0;
+    for ((kind, _, name), obj) in objs {
+        let Some(containers) = obj
+            .pointer("/spec/template/spec/containers")
+            .and_then(Value::as_array)
+        else {
+            continue;
+        };
+        for c in containers {
+            for path in [
+                "/resources/requests/cpu",
+                "/resources/requests/memory",
+                "/resources/limits/cpu",
+                "/resources/limits/memory",
+            ] {
+                ensure!(
+                    c.pointer(path).is_some(),
+                    "{}: {kind} {name} has no {path}",
+                    r.name
+                );
+            }
+            ensure!(
+                c.pointer("/securityContext/allowPrivilegeEscalation") == Some(&json!(false)),
+                "{}: {kind} {name} may escalate privileges",
+                r.name
+            );
+            checked += 1;
+        }
+    }
+    Ok(checked)
+}
+
+pub async fn deploy_manifests_are_accepted_by_the_api_server(ctx: &mut Ctx) -> anyhow::Result<()> {
+    // The cert-manager overlay needs cert-manager's CRDs (the real ones, from its module).
+    for crd in cert_manager_crds()? {
+        let out = ctx
+            .kubectl(
+                &["apply", "--server-side", "-f", &crd.display().to_string()],
+                None,
+            )
+            .await?;
+        ensure!(out.success, "applying {}: {}", crd.display(), out.stderr);
+    }
+    let out = ctx
+        .kubectl(
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=30s",
+                "crd/certificates.cert-manager.io",
+                "crd/issuers.cert-manager.io",
+            ],
+            None,
+        )
+        .await?;
+    ensure!(out.success, "cert-manager CRDs: {}", out.stderr);
+
+    let (kustomize, helm) = renderings(ctx).await?;
+    for r in kustomize.iter().chain(&helm) {
+        let objs = objects(r)?;
+        let containers = check_workloads(r, &objs)?;
+        ensure!(containers == 2, "{}: {containers} containers", r.name);
+        // Server-side apply with the field manager that applied the e2e cluster's own copies
+        // (namespace, RBAC, registrations): what it owned and a rendering leaves out goes,
+        // so each rendering is checked as it would stand, not merged into the e2e objects.
+        let out = ctx
+            .kubectl(
+                &[
+                    "apply",
+                    "--server-side",
+                    "--dry-run=server",
+                    "--force-conflicts",
+                    "--field-manager=bulwark-e2e",
+                    "-f",
+                    "-",
+                ],
+                Some(&r.yaml),
+            )
+            .await?;
+        ensure!(
+            out.success,
+            "{}: the API server refused: {}",
+            r.name,
+            out.stderr
+        );
+        // Warnings would be e.g. Pod Security (the namespace warns on restricted).
+        ensure!(
+            !out.stderr.contains("Warning"),
+            "{}: warnings: {}",
+            r.name,
+            out.stderr
+        );
+        let accepted = out
+            .stdout
+            .lines()
+            .filter(|l| l.contains("(server dry run)"))
+            .count();
+        ensure!(
+            accepted == objs.len(),
+            "{}: {accepted} of {} objects accepted:\n{}",
+            r.name,
+            objs.len(),
+            out.stdout
+        );
+        println!(
+            "    {}: {accepted} objects accepted (server dry run)",
+            r.name
+        );
+    }
+    Ok(())
+}
+
+pub async fn kustomize_and_helm_render_the_same_objects(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let (kustomize, helm) = renderings(ctx).await?;
+    for (k, h) in kustomize.iter().zip(&helm) {
+        let (ko, ho) = (objects(k)?, objects(h)?);
+        let only = |a: &BTreeMap<Key, Value>, b: &BTreeMap<Key, Value>| -> Vec<Key> {
+            a.keys()
+                .filter(|key| !b.contains_key(*key))
+                .cloned()
+                .collect()
+        };
+        ensure!(
+            ko.keys().eq(ho.keys()),
+            "{} vs {}: only in kustomize {:?}, only in helm {:?}",
+            k.name,
+            h.name,
+            only(&ko, &ho),
+            only(&ho, &ko)
+        );
+        for (key, obj) in &ko {
+            ensure!(
+                Some(obj) == ho.get(key),
+                "{key:?} differs between {} and {}:\n{obj:#}\n{:#}",
+                k.name,
+                h.name,
+                ho[key]
+            );
+        }
+        println!("    {} = {}: {} objects", k.name, h.name, ko.len());
+    }
+    Ok(())
+}
+
+/// `kubectl auth can-i` as the component's ServiceAccount.
+async fn can_i(ctx: &Ctx, who: Identity, args: &[&str]) -> anyhow::Result<bool> {
+    let sa = who
+        .impersonates()
+        .context("not a ServiceAccount identity")?;
+    let mut full = vec!["auth", "can-i", "--as", &sa];
+    full.extend_from_slice(args);
+    let out = ctx.kubectl(&full, None).await?;
+    match out.stdout.trim() {
+        "yes" => Ok(true),
+        "no" => Ok(false),
+        other => bail!(
+            "kubectl auth can-i {}: {other} {}",
+            args.join(" "),
+            out.stderr
+        ),
+    }
+}
+
+pub async fn rbac_is_least_privilege(ctx: &mut Ctx) -> anyhow::Result<()> {
+    // The components really act as their ServiceAccounts (so every other test that works
+    // shows the grants are enough).
+    for who in [Identity::Webhook, Identity::NodeController] {
+        let kubeconfig = kubeconfig_path(&ctx.state().dir, who).display().to_string();
+        let out = ctx
+            .kubectl(
+                &[
+                    "auth",
+                    "whoami",
+                    "--kubeconfig",
+                    &kubeconfig,
+                    "-o",
+                    "jsonpath={.status.userInfo.username}",
+                ],
+                None,
+            )
+            .await?;
+        ensure!(out.success, "whoami: {}", out.stderr);
+        ensure!(
+            Some(out.stdout.trim()) == who.impersonates().as_deref(),
+            "{who:?} acts as {:?}",
+            out.stdout
+        );
+    }
+    let ns = BULWARK_NAMESPACE;
+    let cases: &[(Identity, &[&str], bool)] = &[
+        (Identity::Webhook, &["watch", "pods", "-A"], true),
+        (
+            Identity::Webhook,
+            &["create", "events.events.k8s.io", "-n", "default"],
+            true,
+        ),
+        (
+            Identity::Webhook,
+            &["update", "secret/bulwark-webhook-tls", "-n", ns],
+            true,
+        ),
+        (
+            Identity::Webhook,
+            &["update", "validatingwebhookconfigurations/bulwark"],
+            true,
+        ),
+        (
+            Identity::Webhook,
+            &["create", "pods", "-n", "default"],
+            false,
+        ),
+        (
+            Identity::Webhook,
+            &["delete", "pods", "-n", "default"],
+            false,
+        ),
+        (Identity::Webhook, &["get", "secrets", "-n", ns], false),
+        (Identity::Webhook, &["get", "secret/other", "-n", ns], false),
+        (
+            Identity::Webhook,
+            &["get", "secret/bulwark-webhook-tls", "-n", "default"],
+            false,
+        ),
+        (
+            Identity::Webhook,
+            &["update", "validatingwebhookconfigurations/other"],
+            false,
+        ),
+        (Identity::Webhook, &["patch", "nodes"], false),
+        (Identity::NodeController, &["patch", "nodes"], true),
+        (Identity::NodeController, &["delete", "nodes"], true),
+        (
+            Identity::NodeController,
+            &["watch", "leases", "-n", "kube-node-lease"],
+            true,
+        ),
+        (
+            Identity::NodeController,
+            &["update", "lease/bulwark-node-controller", "-n", ns],
+            true,
+        ),
+        (
+            Identity::NodeController,
+            &["update", "lease/other", "-n", ns],
+            false,
+        ),
+        (
+            Identity::NodeController,
+            &["update", "leases", "-n", "kube-node-lease"],
+            false,
+        ),
+        (Identity::NodeController, &["get", "secrets", "-A"], false),
+        (
+            Identity::NodeController,
+            &["create", "pods", "-n", "default"],
+            false,
+        ),
+        (
+            Identity::NodeController,
+            &["delete", "pods", "-n", "default"],
+            false,
+        ),
+    ];
+    for (who, args, want) in cases {
+        let got = can_i(ctx, *who, args).await?;
+        ensure!(
+            got == *want,
+            "{who:?} can {}: {got}, expected {want}",
+            args.join(" ")
+        );
+    }
+    // And a real request outside the role is refused by the API server.
+    let kubeconfig = kubeconfig_path(&ctx.state().dir, Identity::Webhook)
+        .display()
+        .to_string();
+    let out = ctx
+        .kubectl(
+            &["get", "secrets", "-n", ns, "--kubeconfig", &kubeconfig],
+            None,
+        )
+        .await?;
+    ensure!(
+        !out.success && out.stderr.contains("Forbidden"),
+        "the webhook listed Secrets: {} {}",
+        out.stdout,
+        out.stderr
+    );
+    println!(
+        "    {} permission checks as the ServiceAccounts",
+        cases.len()
+    );
+    Ok(())
+}
+
+/// The leaf certificate served on 127.0.0.1:`port`, verified against `ca_bundle`.
+fn served_certificate(port: u16, ca_bundle: &str) -> anyhow::Result<Vec<u8>> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_bundle.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("127.0.0.1")?.to_owned();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name)?;
+    let mut sock = TcpStream::connect(("127.0.0.1", port))?;
+    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut reply = Vec::new();
+    let _ = tls.read_to_end(&mut reply);
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .context("no certificate served")?;
+    Ok(leaf.as_ref().to_vec())
+}
+
+fn first_der(pem: &str) -> anyhow::Result<Vec<u8>> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    Ok(CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .context("no certificate in PEM")??
+        .as_ref()
+        .to_vec())
+}
+
+struct Stored {
+    ca: String,
+    cert: String,
+}
+
+async fn stored(ctx: &Ctx) -> anyhow::Result<Stored> {
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), BULWARK_NAMESPACE)
+        .get(WEBHOOK_SECRET)
+        .await?;
+    let data = secret.data.unwrap_or_default();
+    let text = |k: &str| {
+        data.get(k)
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+            .with_context(|| format!("Secret without {k}"))
+    };
+    Ok(Stored {
+        ca: text("ca.crt")?,
+        cert: text("tls.crt")?,
+    })
+}
+
+async fn ca_bundles(ctx: &Ctx) -> anyhow::Result<Vec<Option<String>>> {
+    let text =
+        |b: Option<k8s_openapi::ByteString>| b.map(|b| String::from_utf8_lossy(&b.0).into_owned());
+    let m = Api::<MutatingWebhookConfiguration>::all(ctx.client.clone())
+        .get(WEBHOOK_CONFIGURATION)
+        .await?;
+    let v = Api::<ValidatingWebhookConfiguration>::all(ctx.client.clone())
+        .get(WEBHOOK_CONFIGURATION)
+        .await?;
+    let mut out: Vec<_> = m
+        .webhooks
+        .unwrap_or_default()
+        .into_iter()
+        .map(|w| text(w.client_config.ca_bundle))
+        .collect();
+    out.extend(
+        v.webhooks
+            .unwrap_or_default()
+            .into_iter()
+            .map(|w| text(w.client_config.ca_bundle)),
+    );
+    Ok(out)
+}
+
+pub async fn self_managed_certificates_rotate_without_failed_admissions(
+    ctx: &mut Ctx,
+) -> anyhow::Result<()> {
+    // First start (cluster up): the webhook created the Secret and set the caBundle.
+    let first = stored(ctx).await?;
+    let bundles = ca_bundles(ctx).await?;
+    ensure!(
+        bundles.len() == 2
+            && bundles
+                .iter()
+                .all(|b| b.as_deref() == Some(first.ca.as_str())),
+        "caBundles {bundles:?} are not the Secret's CA"
+    );
+    let created = ctx.metric(
+        "bulwark_certificate_secret_writes_total",
+        &[("why", "created")],
+    )?;
+    ensure!(
+        created == 1.0,
+        "Secret created {created} times by the webhook"
+    );
+    let primary = ctx.state().ports.webhook;
+    ensure!(
+        served_certificate(primary, &first.ca)? == first_der(&first.cert)?,
+        "the webhook does not serve the Secret's certificate"
+    );
+
+    let replica_port = free_port()?;
+    ctx.cluster
+        .spawn_webhook_replica("webhook-replica", replica_port)?;
+    let result = rotate_under_load(ctx, &first, primary, replica_port).await;
+    ctx.cluster.stop_named("webhook-replica", false);
+    result
+}
+
+async fn rotate_under_load(
+    ctx: &mut Ctx,
+    first: &Stored,
+    primary: u16,
+    replica: u16,
+) -> anyhow::Result<()> {
+    let want = first_der(&first.cert)?;
+    eventually(
+        Duration::from_secs(30),
+        "the second replica serving the same certificate",
+        || {
+            let (ca, want) = (first.ca.clone(), want.clone());
+            async move {
+                Ok(served_certificate(replica, &ca)
+                    .ok()
+                    .filter(|c| *c == want)
+                    .map(|_| ()))
+            }
+        },
+    )
+    .await?;
+
+    let ns = ctx
+        .namespace(
+            "certs",
+            &[
+                ("bulwark.io/pod-rate", "1000/s"),
+                ("bulwark.io/pod-burst", "1000"),
+            ],
+        )
+        .await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let pods = ctx.pods(&ns);
+    let load = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                match pods
+                    .create(&Default::default(), &pod(&format!("steady-{i}"), json!({})))
+                    .await
+                {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            errors
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let asked = Instant::now();
+    let out = std::process::Command::new(&ctx.state().bulwark)
+        .args([
+            "certs",
+            "rotate",
+            "--namespace",
+            BULWARK_NAMESPACE,
+            "--secret",
+            WEBHOOK_SECRET,
+        ])
+        .arg(format!(
+            "--kubeconfig={}",
+            ctx.state().kubeconfig().display()
+        ))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "bulwark certs rotate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rotated = eventually(
+        Duration::from_secs(20),
+        "a new certificate in the Secret",
+        || async {
+            let now = stored(ctx).await?;
+            Ok((now.cert != first.cert).then_some(now))
+        },
+    )
+    .await?;
+    let new = first_der(&rotated.cert)?;
+    for port in [primary, replica] {
+        eventually(
+            Duration::from_secs(20),
+            "both replicas serving the new certificate",
+            || {
+                let (ca, new) = (rotated.ca.clone(), new.clone());
+                async move {
+                    Ok(served_certificate(port, &ca)
+                        .ok()
+                        .filter(|c| *c == new)
+                        .map(|_| ()))
+                }
+            },
+        )
+        .await?;
+    }
+    let took = asked.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let errors = load.await?;
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    ensure!(
+        rotated.ca == first.ca,
+        "the CA changed with a serving-certificate rotation"
+    );
+    ensure!(
+        ca_bundles(ctx)
+            .await?
+            .iter()
+            .all(|b| b.as_deref() == Some(rotated.ca.as_str())),
+        "caBundle no longer the Secret's CA"
+    );
+    ensure!(
+        failed == 0,
+        "{failed} of {} creations failed: {errors:?}",
+        ok + failed
+    );
+    ensure!(ok >= 20, "only {ok} pods created during the rotation");
+    println!(
+        "    rotation asked -> both replicas serving the new certificate: {:.1}s; {ok} pods created meanwhile, 0 failed",
+        took.as_secs_f64()
+    );
+    Ok(())
+}
