@@ -1,4 +1,5 @@
-//! A CA and a serving certificate for the bulwark webhook, generated with rcgen (ECDSA P-256).
+//! A CA and a serving certificate for the bulwark webhook, generated with rcgen (ECDSA P-256
+//! by default, RSA on request).
 //!
 //! kube-apiserver verifies the webhook's certificate against the `caBundle` of the webhook
 //! configuration, so the CA certificate is what gets registered and the serving pair is what
@@ -28,6 +29,10 @@ pub enum CertError {
     Days(u32),
     #[error("generating certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("unknown key algorithm {0:?} (ecdsa-p256, rsa-2048, rsa-3072, rsa-4096)")]
+    KeyAlgorithm(String),
+    #[error("generating an RSA key: {0}")]
+    Rsa(String),
     #[error("not a PEM certificate: {0}")]
     Parse(String),
     #[error("writing {path}: {source}")]
@@ -37,12 +42,59 @@ pub enum CertError {
     },
 }
 
+/// The kind of key a CA and the certificates it signs get.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KeyAlgorithm {
+    /// Small, fast, accepted everywhere Kubernetes runs.
+    #[default]
+    EcdsaP256,
+    /// For environments whose policy asks for RSA; `bits` is 2048, 3072 or 4096.
+    Rsa { bits: usize },
+}
+
+impl std::str::FromStr for KeyAlgorithm {
+    type Err = CertError;
+
+    fn from_str(s: &str) -> Result<Self, CertError> {
+        match s {
+            "ecdsa-p256" => Ok(KeyAlgorithm::EcdsaP256),
+            "rsa-2048" => Ok(KeyAlgorithm::Rsa { bits: 2048 }),
+            "rsa-3072" => Ok(KeyAlgorithm::Rsa { bits: 3072 }),
+            "rsa-4096" => Ok(KeyAlgorithm::Rsa { bits: 4096 }),
+            other => Err(CertError::KeyAlgorithm(other.to_owned())),
+        }
+    }
+}
+
+impl KeyAlgorithm {
+    fn generate(self) -> Result<KeyPair, CertError> {
+        match self {
+            KeyAlgorithm::EcdsaP256 => Ok(KeyPair::generate()?),
+            // ring signs with RSA but cannot generate RSA keys; the rsa crate generates the
+            // key only, every signature is ring's.
+            KeyAlgorithm::Rsa { bits } => {
+                use rsa::pkcs8::EncodePrivateKey;
+                let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, bits)
+                    .map_err(|e| CertError::Rsa(e.to_string()))?;
+                let pem = key
+                    .to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
+                    .map_err(|e| CertError::Rsa(e.to_string()))?;
+                Ok(KeyPair::from_pkcs8_pem_and_sign_algo(
+                    &pem,
+                    &rcgen::PKCS_RSA_SHA256,
+                )?)
+            }
+        }
+    }
+}
+
 /// What to put in the serving certificate.
 #[derive(Debug, Clone)]
 pub struct Request {
     pub dns_names: Vec<String>,
     pub ips: Vec<IpAddr>,
     pub days: u32,
+    pub key: KeyAlgorithm,
 }
 
 /// A generated CA and serving certificate, PEM encoded.
@@ -76,6 +128,7 @@ pub struct Ca {
     cert_pem: String,
     key_pem: String,
     days: u32,
+    key: KeyAlgorithm,
 }
 
 /// A certificate and its private key, PEM encoded.
@@ -108,10 +161,16 @@ fn leaf_params(common_name: &str, days: u32) -> Result<CertificateParams, CertEr
 }
 
 impl Ca {
-    /// A fresh self-signed CA; what it signs is valid for as many days as the CA itself.
+    /// A fresh self-signed CA (ECDSA P-256); what it signs is valid for as many days as the
+    /// CA itself.
     pub fn new(common_name: &str, days: u32) -> Result<Ca, CertError> {
+        Ca::with_key(common_name, days, KeyAlgorithm::EcdsaP256)
+    }
+
+    /// A fresh self-signed CA whose key, and the keys of what it signs, are `key`.
+    pub fn with_key(common_name: &str, days: u32, key_alg: KeyAlgorithm) -> Result<Ca, CertError> {
         check_days(days)?;
-        let key = KeyPair::generate()?;
+        let key = key_alg.generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.distinguished_name = DistinguishedName::new();
@@ -130,12 +189,20 @@ impl Ca {
             issuer: Issuer::new(params, key),
             cert_pem: cert.pem(),
             days,
+            key: key_alg,
         })
     }
 
     /// A CA kept from earlier (e.g. in a Secret), signing certificates valid for `days`.
-    pub fn from_pem(cert_pem: &str, key_pem: &str, days: u32) -> Result<Ca, CertError> {
+    /// What it signs gets `key` keys.
+    pub fn from_pem(
+        cert_pem: &str,
+        key_pem: &str,
+        days: u32,
+        key: KeyAlgorithm,
+    ) -> Result<Ca, CertError> {
         check_days(days)?;
+        let key_alg = key;
         let key = KeyPair::from_pem(key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
         Ok(Ca {
@@ -143,6 +210,7 @@ impl Ca {
             cert_pem: cert_pem.to_owned(),
             key_pem: key_pem.to_owned(),
             days,
+            key: key_alg,
         })
     }
 
@@ -199,7 +267,7 @@ impl Ca {
     }
 
     fn sign(&self, params: CertificateParams) -> Result<Pair, CertError> {
-        let key = KeyPair::generate()?;
+        let key = self.key.generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Pair {
             cert_pem: cert.pem(),
@@ -297,7 +365,7 @@ pub fn generate(req: &Request) -> Result<Bundle, CertError> {
     if req.dns_names.is_empty() && req.ips.is_empty() {
         return Err(CertError::NoNames);
     }
-    let ca = Ca::new("bulwark webhook CA", req.days)?;
+    let ca = Ca::with_key("bulwark webhook CA", req.days, req.key)?;
     let leaf = ca.server(&req.dns_names, &req.ips)?;
     Ok(Bundle {
         ca_cert_pem: ca.cert_pem,
@@ -365,6 +433,7 @@ mod tests {
             dns_names: service_dns_names("bulwark", "bulwark-system"),
             ips: vec!["127.0.0.1".parse().unwrap()],
             days: 30,
+            key: KeyAlgorithm::EcdsaP256,
         })
         .unwrap();
         assert!(b.ca_cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
@@ -379,6 +448,7 @@ mod tests {
             dns_names: dns.iter().map(|s| s.to_string()).collect(),
             ips: vec![],
             days,
+            key: KeyAlgorithm::default(),
         };
         assert!(matches!(generate(&r(&[], 30)), Err(CertError::NoNames)));
         assert!(matches!(generate(&r(&["a"], 0)), Err(CertError::Days(0))));
@@ -418,7 +488,7 @@ mod tests {
         assert!(!f.covers(&["other".to_owned()], &[]));
         assert!(!f.covers(&[], &["10.0.0.1".parse().unwrap()]));
 
-        let again = Ca::from_pem(ca.cert_pem(), ca.key_pem(), 1).unwrap();
+        let again = Ca::from_pem(ca.cert_pem(), ca.key_pem(), 1, KeyAlgorithm::EcdsaP256).unwrap();
         let second = again.server(&names, &[]).unwrap();
         let f2 = facts(&second.cert_pem).unwrap();
         assert_eq!(
@@ -435,7 +505,35 @@ mod tests {
             facts("not a certificate"),
             Err(CertError::Parse(_))
         ));
-        assert!(Ca::from_pem(ca.cert_pem(), "garbage", 1).is_err());
+        assert!(Ca::from_pem(ca.cert_pem(), "garbage", 1, KeyAlgorithm::EcdsaP256).is_err());
+    }
+
+    #[test]
+    fn rsa_on_request() {
+        let alg: KeyAlgorithm = "rsa-2048".parse().unwrap();
+        assert_eq!(alg, KeyAlgorithm::Rsa { bits: 2048 });
+        assert!(matches!(
+            "rsa-1024".parse::<KeyAlgorithm>(),
+            Err(CertError::KeyAlgorithm(_))
+        ));
+        let ca = Ca::with_key("rsa CA", 30, alg).unwrap();
+        let leaf = ca.server(&["bulwark-webhook".into()], &[]).unwrap();
+        assert!(leaf.key_pem.contains("BEGIN PRIVATE KEY"));
+        // A kept RSA CA loads from its PEM and signs again.
+        let again = Ca::from_pem(ca.cert_pem(), ca.key_pem(), 1, alg).unwrap();
+        let second = again.server(&["bulwark-webhook".into()], &[]).unwrap();
+        assert!(
+            facts(&second.cert_pem)
+                .unwrap()
+                .covers(&["bulwark-webhook".into()], &[])
+        );
+        // The key is RSA: its SubjectPublicKeyInfo says rsaEncryption (1.2.840.113549.1.1.1).
+        let (_, pem) = x509_parser::pem::parse_x509_pem(second.cert_pem.as_bytes()).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        assert_eq!(
+            cert.public_key().algorithm.algorithm.to_id_string(),
+            "1.2.840.113549.1.1.1"
+        );
     }
 
     #[test]
@@ -445,6 +543,7 @@ mod tests {
             dns_names: vec!["localhost".into()],
             ips: vec![],
             days: 1,
+            key: KeyAlgorithm::default(),
         })
         .unwrap();
         let w = write(&b, &dir).unwrap();

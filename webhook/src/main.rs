@@ -136,6 +136,9 @@ struct ManagedCertArgs {
     /// CA validity; a new CA is trusted (caBundle) before it signs what is served.
     #[arg(long, default_value_t = 3650)]
     ca_days: u32,
+    /// Key of new CAs and certificates: ecdsa-p256, rsa-2048, rsa-3072 or rsa-4096.
+    #[arg(long, default_value = "ecdsa-p256")]
+    cert_key_algorithm: bulwark_certs::KeyAlgorithm,
     /// How long a new CA sits in the caBundle before a certificate it signed is served.
     #[arg(long, default_value_t = 60)]
     ca_propagation_seconds: u64,
@@ -158,6 +161,9 @@ struct CertsArgs {
     /// Validity in days.
     #[arg(long, default_value_t = 365)]
     days: u32,
+    /// Key algorithm: ecdsa-p256, rsa-2048, rsa-3072 or rsa-4096.
+    #[arg(long, default_value = "ecdsa-p256")]
+    key_algorithm: bulwark_certs::KeyAlgorithm,
     /// Also set the new CA as the caBundle of this Mutating- and ValidatingWebhookConfiguration.
     #[arg(long)]
     patch_webhook_configuration: Option<String>,
@@ -285,6 +291,7 @@ async fn certs(args: CertsArgs) -> anyhow::Result<()> {
         dns_names: args.dns,
         ips: args.ip,
         days: args.days,
+        key: args.key_algorithm,
     })?;
     let written = bulwark_certs::write(&bundle, &out_dir)?;
     eprintln!(
@@ -340,6 +347,7 @@ fn managed_options(args: ManagedCertArgs, secret: String) -> bulwark::certs::syn
             ips: args.cert_ip,
             ca_days: args.ca_days,
             cert_days: args.cert_days,
+            key: args.cert_key_algorithm,
             ca_propagation: Duration::from_secs(args.ca_propagation_seconds),
         },
         namespace,

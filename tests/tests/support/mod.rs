@@ -54,6 +54,7 @@ pub fn write_certs(dir: &Path) -> String {
         dns_names: vec!["localhost".into()],
         ips: vec!["127.0.0.1".parse().expect("ip")],
         days: 1,
+        key: bulwark_certs::KeyAlgorithm::default(),
     })
     .expect("certs");
     bulwark_certs::write(&bundle, dir).expect("write certs");

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use bulwark_certs::{Ca, CertError, Pair, facts};
+use bulwark_certs::{Ca, CertError, KeyAlgorithm, Pair, facts};
 
 /// Set (to any new value) by `bulwark certs rotate` to ask for a new serving certificate.
 pub const ROTATE_ANNOTATION: &str = "bulwark.io/rotate";
@@ -34,6 +34,8 @@ pub struct Wanted {
     pub ips: Vec<IpAddr>,
     pub ca_days: u32,
     pub cert_days: u32,
+    /// Keys of new CAs and certificates; what exists keeps its kind until it is replaced.
+    pub key: KeyAlgorithm,
     /// How long a new CA stays in the caBundle before anything is served with it.
     pub ca_propagation: Duration,
 }
@@ -106,7 +108,8 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 fn fresh(wanted: &Wanted, rotate: Option<String>) -> Result<Stored, CertError> {
-    let ca = Ca::new("bulwark webhook CA", wanted.ca_days)?.leaf_days(wanted.cert_days)?;
+    let ca = Ca::with_key("bulwark webhook CA", wanted.ca_days, wanted.key)?
+        .leaf_days(wanted.cert_days)?;
     let Pair { cert_pem, key_pem } = ca.server(&wanted.dns_names, &wanted.ips)?;
     Ok(Stored {
         ca_bundle: ca.cert_pem().to_owned(),
@@ -131,7 +134,7 @@ pub fn plan(stored: Option<&Stored>, wanted: &Wanted, now: SystemTime) -> Result
     let blocks = pem_blocks(&s.ca_bundle);
     let newest_ca = blocks.first().map(String::as_str).unwrap_or_default();
     let (ca, ca_facts) = match (
-        Ca::from_pem(newest_ca, &s.ca_key, wanted.cert_days),
+        Ca::from_pem(newest_ca, &s.ca_key, wanted.cert_days, wanted.key),
         facts(newest_ca),
     ) {
         (Ok(ca), Ok(f)) if now < f.not_after => (ca, f),
@@ -162,7 +165,7 @@ pub fn plan(stored: Option<&Stored>, wanted: &Wanted, now: SystemTime) -> Result
         };
     }
     if now >= ca_facts.renew_at() {
-        let new_ca = Ca::new("bulwark webhook CA", wanted.ca_days)?;
+        let new_ca = Ca::with_key("bulwark webhook CA", wanted.ca_days, wanted.key)?;
         // Older CAs stay trusted while they are valid: the serving certificate in use was
         // signed by one of them.
         let mut bundle = new_ca.cert_pem().to_owned();
@@ -211,6 +214,7 @@ mod tests {
             ips: vec!["127.0.0.1".parse().unwrap()],
             ca_days: 30,
             cert_days: 9,
+            key: KeyAlgorithm::EcdsaP256,
             ca_propagation: Duration::from_secs(10),
         }
     }
