@@ -300,6 +300,8 @@ impl State {
                 format!("--cert-namespace={}", objects::BULWARK_NAMESPACE),
                 "--cert-ip=127.0.0.1".into(),
                 format!("--webhook-configuration={}", objects::WEBHOOK_CONFIGURATION),
+                // A new CA is served 3 s after it is trusted (60 s in a real cluster).
+                "--ca-propagation-seconds=3".into(),
                 format!("--config={}", d(&self.dir.join("bulwark.yaml"))),
                 format!("--kubeconfig={}", kubeconfig(Identity::Webhook)),
             ],

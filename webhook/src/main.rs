@@ -185,6 +185,10 @@ enum CertsAction {
         /// kubeconfig; default: in-cluster config, then $KUBECONFIG.
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
+        /// Replace the CA too: it joins the caBundle first, and what it signs is served after
+        /// the webhook's --ca-propagation-seconds.
+        #[arg(long)]
+        ca: bool,
     },
 }
 
@@ -272,15 +276,20 @@ async fn certs(args: CertsArgs) -> anyhow::Result<()> {
         namespace,
         secret,
         kubeconfig,
+        ca,
     }) = args.action
     {
         let client = kube_client(kubeconfig, true).await?;
-        let value = bulwark::certs::sync::request_rotation(client, &namespace, &secret)
+        let (key, value) = bulwark::certs::sync::request_rotation(client, &namespace, &secret, ca)
             .await
             .with_context(|| format!("asking for a rotation on Secret {namespace}/{secret}"))?;
+        let what = if ca {
+            "a new CA (trusted first, served after --ca-propagation-seconds)"
+        } else {
+            "a new serving certificate"
+        };
         eprintln!(
-            "asked for a new serving certificate ({} = {value}); the webhook replicas write and load it within seconds",
-            bulwark::certs::ROTATE_ANNOTATION
+            "asked for {what} ({key} = {value}); the webhook replicas act on it within seconds"
         );
         return Ok(());
     }

@@ -519,6 +519,131 @@ pub async fn self_managed_certificates_rotate_without_failed_admissions(
     result
 }
 
+/// The e2e webhook's --ca-propagation-seconds.
+const CA_PROPAGATION: u64 = 3;
+
+fn rotate(ctx: &Ctx, ca: bool) -> anyhow::Result<()> {
+    let mut cmd = std::process::Command::new(&ctx.state().bulwark);
+    cmd.args([
+        "certs",
+        "rotate",
+        "--namespace",
+        BULWARK_NAMESPACE,
+        "--secret",
+        WEBHOOK_SECRET,
+    ])
+    .arg(format!(
+        "--kubeconfig={}",
+        ctx.state().kubeconfig().display()
+    ));
+    if ca {
+        cmd.arg("--ca");
+    }
+    let out = cmd.output()?;
+    ensure!(
+        out.status.success(),
+        "bulwark certs rotate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Waits until every port serves `cert`, verified against `ca` alone.
+async fn all_serve(ports: &[u16], ca: &str, cert: &str, what: &str) -> anyhow::Result<()> {
+    let want = first_der(cert)?;
+    for &port in ports {
+        eventually(Duration::from_secs(20), what, || {
+            let (ca, want) = (ca.to_owned(), want.clone());
+            async move {
+                Ok(served_certificate(port, &ca)
+                    .ok()
+                    .filter(|c| *c == want)
+                    .map(|_| ()))
+            }
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// A serving-certificate rotation, then a CA rotation; how long each took to be served.
+async fn rotations(
+    ctx: &Ctx,
+    first: &Stored,
+    ports: &[u16],
+) -> anyhow::Result<(Duration, Duration)> {
+    let asked = Instant::now();
+    rotate(ctx, false)?;
+    let rotated = eventually(
+        Duration::from_secs(20),
+        "a new certificate in the Secret",
+        || async {
+            let now = stored(ctx).await?;
+            Ok((now.cert != first.cert).then_some(now))
+        },
+    )
+    .await?;
+    ensure!(
+        rotated.ca == first.ca,
+        "the CA changed with a serving-certificate rotation"
+    );
+    all_serve(
+        ports,
+        &rotated.ca,
+        &rotated.cert,
+        "both replicas serving the new certificate",
+    )
+    .await?;
+    let serving = asked.elapsed();
+
+    // A new CA: trusted first (two CAs in the Secret and the caBundles), served only later.
+    let asked = Instant::now();
+    rotate(ctx, true)?;
+    let staged = eventually(Duration::from_secs(20), "the new CA staged", || async {
+        let now = stored(ctx).await?;
+        Ok((now.ca.matches("BEGIN CERTIFICATE").count() == 2).then_some(now))
+    })
+    .await?;
+    ensure!(
+        staged.cert == rotated.cert,
+        "served from the new CA before it was trusted"
+    );
+    ensure!(
+        staged.ca.ends_with(&rotated.ca),
+        "the old CA left the bundle"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "both caBundles holding both CAs",
+        || async {
+            Ok(ca_bundles(ctx)
+                .await?
+                .iter()
+                .all(|b| b.as_deref() == Some(staged.ca.as_str()))
+                .then_some(()))
+        },
+    )
+    .await?;
+    let done = eventually(
+        Duration::from_secs(CA_PROPAGATION + 20),
+        "a certificate of the new CA in the Secret",
+        || async {
+            let now = stored(ctx).await?;
+            Ok((now.cert != staged.cert).then_some(now))
+        },
+    )
+    .await?;
+    let new_ca = &staged.ca[..staged.ca.len() - rotated.ca.len()];
+    all_serve(
+        ports,
+        new_ca,
+        &done.cert,
+        "both replicas serving a certificate of the new CA",
+    )
+    .await?;
+    Ok((serving, asked.elapsed()))
+}
+
 async fn rotate_under_load(
     ctx: &mut Ctx,
     first: &Stored,
@@ -577,77 +702,22 @@ async fn rotate_under_load(
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let asked = Instant::now();
-    let out = std::process::Command::new(&ctx.state().bulwark)
-        .args([
-            "certs",
-            "rotate",
-            "--namespace",
-            BULWARK_NAMESPACE,
-            "--secret",
-            WEBHOOK_SECRET,
-        ])
-        .arg(format!(
-            "--kubeconfig={}",
-            ctx.state().kubeconfig().display()
-        ))
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "bulwark certs rotate: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rotated = eventually(
-        Duration::from_secs(20),
-        "a new certificate in the Secret",
-        || async {
-            let now = stored(ctx).await?;
-            Ok((now.cert != first.cert).then_some(now))
-        },
-    )
-    .await?;
-    let new = first_der(&rotated.cert)?;
-    for port in [primary, replica] {
-        eventually(
-            Duration::from_secs(20),
-            "both replicas serving the new certificate",
-            || {
-                let (ca, new) = (rotated.ca.clone(), new.clone());
-                async move {
-                    Ok(served_certificate(port, &ca)
-                        .ok()
-                        .filter(|c| *c == new)
-                        .map(|_| ()))
-                }
-            },
-        )
-        .await?;
-    }
-    let took = asked.elapsed();
+    let result = rotations(ctx, first, &[primary, replica]).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     let errors = load.await?;
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    ensure!(
-        rotated.ca == first.ca,
-        "the CA changed with a serving-certificate rotation"
-    );
-    ensure!(
-        ca_bundles(ctx)
-            .await?
-            .iter()
-            .all(|b| b.as_deref() == Some(rotated.ca.as_str())),
-        "caBundle no longer the Secret's CA"
-    );
+    let (serving, ca) = result?;
     ensure!(
         failed == 0,
         "{failed} of {} creations failed: {errors:?}",
         ok + failed
     );
-    ensure!(ok >= 20, "only {ok} pods created during the rotation");
+    ensure!(ok >= 40, "only {ok} pods created during the rotations");
     println!(
-        "    rotation asked -> both replicas serving the new certificate: {:.1}s; {ok} pods created meanwhile, 0 failed",
-        took.as_secs_f64()
+        "    serving rotation asked -> both replicas serving it: {:.1}s; CA rotation asked -> both serving a certificate of the new CA: {:.1}s (propagation {CA_PROPAGATION}s); {ok} pods created meanwhile, 0 failed",
+        serving.as_secs_f64(),
+        ca.as_secs_f64()
     );
     Ok(())
 }

@@ -24,6 +24,10 @@ use bulwark_certs::{Ca, CertError, KeyAlgorithm, Pair, facts};
 pub const ROTATE_ANNOTATION: &str = "bulwark.io/rotate";
 /// The `bulwark.io/rotate` value the current serving certificate answered.
 pub const ROTATED_ANNOTATION: &str = "bulwark.io/rotated";
+/// Set by `bulwark certs rotate --ca` to ask for a new CA (in the two steps below).
+pub const ROTATE_CA_ANNOTATION: &str = "bulwark.io/rotate-ca";
+/// The `bulwark.io/rotate-ca` value the newest CA answered.
+pub const ROTATED_CA_ANNOTATION: &str = "bulwark.io/rotated-ca";
 /// Unix seconds at which a new CA joined the bundle, until a serving certificate uses it.
 pub const CA_STAGED_ANNOTATION: &str = "bulwark.io/ca-staged-at";
 
@@ -49,6 +53,8 @@ pub struct Stored {
     pub key: String,
     pub rotate: Option<String>,
     pub rotated: Option<String>,
+    pub rotate_ca: Option<String>,
+    pub rotated_ca: Option<String>,
     pub ca_staged_at: Option<u64>,
 }
 
@@ -58,6 +64,7 @@ pub enum Why {
     Created,
     CaUnusable,
     CaRenewalStaged,
+    CaRotationStaged,
     ServingFromNewCa,
     ServingUnusable,
     RotationRequested,
@@ -71,6 +78,7 @@ impl Why {
             Why::Created => "created",
             Why::CaUnusable => "ca_unusable",
             Why::CaRenewalStaged => "ca_renewal_staged",
+            Why::CaRotationStaged => "ca_rotation_staged",
             Why::ServingFromNewCa => "serving_from_new_ca",
             Why::ServingUnusable => "serving_unusable",
             Why::RotationRequested => "rotation_requested",
@@ -107,7 +115,9 @@ fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn fresh(wanted: &Wanted, rotate: Option<String>) -> Result<Stored, CertError> {
+/// A new CA and serving certificate; `requests` are the rotation requests they answer.
+fn fresh(wanted: &Wanted, requests: (Option<String>, Option<String>)) -> Result<Stored, CertError> {
+    let (rotate, rotate_ca) = requests;
     let ca = Ca::with_key("bulwark webhook CA", wanted.ca_days, wanted.key)?
         .leaf_days(wanted.cert_days)?;
     let Pair { cert_pem, key_pem } = ca.server(&wanted.dns_names, &wanted.ips)?;
@@ -118,6 +128,8 @@ fn fresh(wanted: &Wanted, rotate: Option<String>) -> Result<Stored, CertError> {
         key: key_pem,
         rotated: rotate.clone(),
         rotate,
+        rotated_ca: rotate_ca.clone(),
+        rotate_ca,
         ca_staged_at: None,
     })
 }
@@ -129,7 +141,7 @@ pub fn plan(stored: Option<&Stored>, wanted: &Wanted, now: SystemTime) -> Result
         why,
     };
     let Some(s) = stored else {
-        return Ok(write(fresh(wanted, None)?, Why::Created));
+        return Ok(write(fresh(wanted, (None, None))?, Why::Created));
     };
     let blocks = pem_blocks(&s.ca_bundle);
     let newest_ca = blocks.first().map(String::as_str).unwrap_or_default();
@@ -140,7 +152,10 @@ pub fn plan(stored: Option<&Stored>, wanted: &Wanted, now: SystemTime) -> Result
         (Ok(ca), Ok(f)) if now < f.not_after => (ca, f),
         // Nothing can be signed: start over. The caBundle follows the Secret, so the API
         // server trusts the new CA as soon as it has seen the patched configurations.
-        _ => return Ok(write(fresh(wanted, s.rotate.clone())?, Why::CaUnusable)),
+        _ => {
+            let requests = (s.rotate.clone(), s.rotate_ca.clone());
+            return Ok(write(fresh(wanted, requests)?, Why::CaUnusable));
+        }
     };
     let issue = |why| -> Result<Plan, CertError> {
         let Pair { cert_pem, key_pem } = ca.server(&wanted.dns_names, &wanted.ips)?;
@@ -164,7 +179,8 @@ pub fn plan(stored: Option<&Stored>, wanted: &Wanted, now: SystemTime) -> Result
             Ok(Plan::Keep { recheck_at: due })
         };
     }
-    if now >= ca_facts.renew_at() {
+    let ca_requested = s.rotate_ca.is_some() && s.rotate_ca != s.rotated_ca;
+    if ca_requested || now >= ca_facts.renew_at() {
         let new_ca = Ca::with_key("bulwark webhook CA", wanted.ca_days, wanted.key)?;
         // Older CAs stay trusted while they are valid: the serving certificate in use was
         // signed by one of them.
@@ -179,9 +195,14 @@ pub fn plan(stored: Option<&Stored>, wanted: &Wanted, now: SystemTime) -> Result
                 ca_bundle: bundle,
                 ca_key: new_ca.key_pem().to_owned(),
                 ca_staged_at: Some(unix(now)),
+                rotated_ca: s.rotate_ca.clone(),
                 ..s.clone()
             },
-            Why::CaRenewalStaged,
+            if ca_requested {
+                Why::CaRotationStaged
+            } else {
+                Why::CaRenewalStaged
+            },
         ));
     }
     let serving = match facts(&s.cert) {
@@ -363,6 +384,29 @@ mod tests {
         );
         // (Certificates are dated by the wall clock, not by the simulated day 21, so the
         // new CA cannot be judged at `until` here.)
+    }
+
+    #[test]
+    fn a_requested_ca_rotation_is_staged_once() {
+        let w = wanted();
+        let now = SystemTime::now();
+        let (mut s, _) = written(plan(None, &w, now).unwrap());
+        s.rotate_ca = Some("1".into());
+        let (staged, why) = written(plan(Some(&s), &w, now).unwrap());
+        assert_eq!(why, Why::CaRotationStaged);
+        assert_eq!(pem_blocks(&staged.ca_bundle).len(), 2);
+        assert_eq!(staged.rotated_ca, staged.rotate_ca);
+        let (served, why) = written(
+            plan(
+                Some(&staged),
+                &w,
+                now + w.ca_propagation + Duration::from_secs(1),
+            )
+            .unwrap(),
+        );
+        assert_eq!(why, Why::ServingFromNewCa);
+        // Answered: no second new CA for the same request.
+        kept(plan(Some(&served), &w, now).unwrap());
     }
 
     #[test]

@@ -24,7 +24,8 @@ use kube::{
 };
 
 use super::{
-    CA_STAGED_ANNOTATION, Plan, ROTATE_ANNOTATION, ROTATED_ANNOTATION, Stored, Wanted, plan,
+    CA_STAGED_ANNOTATION, Plan, ROTATE_ANNOTATION, ROTATE_CA_ANNOTATION, ROTATED_ANNOTATION,
+    ROTATED_CA_ANNOTATION, Stored, Wanted, plan,
 };
 use crate::{backoff::Jittered, metrics::Metrics, tls::CertStore, tls::TlsError};
 
@@ -79,6 +80,8 @@ impl Stored {
             key: text(&data, TLS_KEY),
             rotate: annotations.get(ROTATE_ANNOTATION).cloned(),
             rotated: annotations.get(ROTATED_ANNOTATION).cloned(),
+            rotate_ca: annotations.get(ROTATE_CA_ANNOTATION).cloned(),
+            rotated_ca: annotations.get(ROTATED_CA_ANNOTATION).cloned(),
             ca_staged_at: annotations
                 .get(CA_STAGED_ANNOTATION)
                 .and_then(|v| v.parse().ok()),
@@ -97,10 +100,15 @@ impl Stored {
             (TLS_KEY.into(), bytes(self.key)),
         ]));
         let annotations = base.metadata.annotations.get_or_insert_with(BTreeMap::new);
-        match self.rotated {
-            Some(r) => annotations.insert(ROTATED_ANNOTATION.into(), r),
-            None => annotations.remove(ROTATED_ANNOTATION),
-        };
+        for (key, value) in [
+            (ROTATED_ANNOTATION, self.rotated),
+            (ROTATED_CA_ANNOTATION, self.rotated_ca),
+        ] {
+            match value {
+                Some(v) => annotations.insert(key.into(), v),
+                None => annotations.remove(key),
+            };
+        }
         match self.ca_staged_at {
             Some(t) => annotations.insert(CA_STAGED_ANNOTATION.into(), t.to_string()),
             None => annotations.remove(CA_STAGED_ANNOTATION),
@@ -391,19 +399,26 @@ async fn keep_current(
     }
 }
 
-/// Asks the replicas for a new serving certificate (`bulwark certs rotate`).
+/// Asks the replicas for a new serving certificate, or with `ca` for a new CA first
+/// (`bulwark certs rotate [--ca]`). Returns the annotation set and its value.
 pub async fn request_rotation(
     client: Client,
     namespace: &str,
     secret: &str,
-) -> Result<String, kube::Error> {
+    ca: bool,
+) -> Result<(&'static str, String), kube::Error> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO);
     let value = format!("{}.{:09}", now.as_secs(), now.subsec_nanos());
-    let patch = serde_json::json!({"metadata": {"annotations": {ROTATE_ANNOTATION: value}}});
+    let key = if ca {
+        ROTATE_CA_ANNOTATION
+    } else {
+        ROTATE_ANNOTATION
+    };
+    let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
     Api::<Secret>::namespaced(client, namespace)
         .patch(secret, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
-    Ok(value)
+    Ok((key, value))
 }
