@@ -344,13 +344,23 @@ async fn kube_client(kubeconfig: Option<PathBuf>, retry: bool) -> anyhow::Result
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
-fn managed_options(args: ManagedCertArgs, secret: String) -> bulwark::certs::sync::Options {
+fn managed_options(
+    args: ManagedCertArgs,
+    secret: String,
+) -> anyhow::Result<bulwark::certs::sync::Options> {
+    // A serving certificate must not outlive the CA that signed it.
+    anyhow::ensure!(
+        args.cert_days <= args.ca_days,
+        "--cert-days ({}) must not exceed --ca-days ({})",
+        args.cert_days,
+        args.ca_days
+    );
     let namespace = args
         .cert_namespace
         .unwrap_or_else(|| env_or("POD_NAMESPACE", || "bulwark-system".into()));
     let mut dns_names = bulwark_certs::service_dns_names(&args.service, &namespace);
     dns_names.extend(args.cert_dns);
-    bulwark::certs::sync::Options {
+    Ok(bulwark::certs::sync::Options {
         wanted: bulwark::certs::Wanted {
             dns_names,
             ips: args.cert_ip,
@@ -362,7 +372,7 @@ fn managed_options(args: ManagedCertArgs, secret: String) -> bulwark::certs::syn
         namespace,
         secret,
         webhook_configuration: args.webhook_configuration,
-    }
+    })
 }
 
 async fn webhook(args: WebhookArgs) -> anyhow::Result<()> {
@@ -395,7 +405,7 @@ async fn webhook(args: WebhookArgs) -> anyhow::Result<()> {
             let client = client.clone().context(
                 "--cert-secret needs the API server; use --tls-cert and --tls-key with --offline",
             )?;
-            let opts = managed_options(args.managed, secret);
+            let opts = managed_options(args.managed, secret)?;
             tracing::info!(secret = %format!("{}/{}", opts.namespace, opts.secret), names = ?opts.wanted.dns_names, "self-managed serving certificate");
             bulwark::certs::sync::start(client, opts, app.metrics.clone()).await?
         }

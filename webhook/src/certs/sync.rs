@@ -91,7 +91,8 @@ impl Stored {
     /// `base` with this content; its other labels and annotations are kept.
     fn into_secret(self, mut base: Secret) -> Secret {
         let bytes = |s: String| ByteString(s.into_bytes());
-        base.type_ = Some("kubernetes.io/tls".into());
+        // A Secret's type cannot change; one made by hand (Opaque) keeps its type.
+        base.type_.get_or_insert_with(|| "kubernetes.io/tls".into());
         base.string_data = None;
         base.data = Some(BTreeMap::from([
             (CA_CRT.into(), bytes(self.ca_bundle)),
