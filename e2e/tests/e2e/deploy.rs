@@ -313,6 +313,8 @@ pub async fn rbac_is_least_privilege(ctx: &mut Ctx) -> anyhow::Result<()> {
         (W, "get secret/other -n $NS", false),
         (W, "get secret/bulwark-webhook-tls -n default", false),
         (W, "update validatingwebhookconfigurations/other", false),
+        (W, "watch mutatingwebhookconfigurations/bulwark", true),
+        (W, "list validatingwebhookconfigurations", false),
         (W, "patch nodes", false),
         (N, "patch nodes", true),
         (N, "delete nodes", true),
@@ -430,6 +432,38 @@ async fn ca_bundles(ctx: &Ctx) -> anyhow::Result<Vec<Option<String>>> {
             .map(|w| text(w.client_config.ca_bundle)),
     );
     Ok(out)
+}
+
+pub async fn a_dropped_ca_bundle_is_restored(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let ca = stored(ctx).await?.ca;
+    let api = Api::<ValidatingWebhookConfiguration>::all(ctx.client.clone());
+    // What a re-install from manifests without a caBundle, or a careless edit, does.
+    let patch = json!([{"op": "remove", "path": "/webhooks/0/clientConfig/caBundle"}]);
+    let dropped = Instant::now();
+    api.patch(
+        WEBHOOK_CONFIGURATION,
+        &Default::default(),
+        &kube::api::Patch::Json::<()>(serde_json::from_value(patch)?),
+    )
+    .await?;
+    eventually(Duration::from_secs(10), "the caBundle restored", || async {
+        Ok(ca_bundles(ctx)
+            .await?
+            .iter()
+            .all(|b| b.as_deref() == Some(ca.as_str()))
+            .then_some(()))
+    })
+    .await?;
+    let took = dropped.elapsed();
+    let ns = ctx.namespace("cabundle", &[]).await?;
+    ctx.create(&ns, &pod("after-repair", json!({})))
+        .await?
+        .admitted()?;
+    println!(
+        "    caBundle removed -> restored by the webhook in {:.2}s",
+        took.as_secs_f64()
+    );
+    Ok(())
 }
 
 pub async fn self_managed_certificates_rotate_without_failed_admissions(

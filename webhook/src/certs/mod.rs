@@ -111,8 +111,10 @@ fn pem_blocks(bundle: &str) -> Vec<String> {
         .collect()
 }
 
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+/// Whole Unix seconds, rounded up, so a wait counted from it is never cut short.
+fn unix_ceil(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 
 /// A new CA and serving certificate; `requests` are the rotation requests they answer.
@@ -194,7 +196,7 @@ pub fn plan(stored: Option<&Stored>, wanted: &Wanted, now: SystemTime) -> Result
             Stored {
                 ca_bundle: bundle,
                 ca_key: new_ca.key_pem().to_owned(),
-                ca_staged_at: Some(unix(now)),
+                ca_staged_at: Some(unix_ceil(now)),
                 rotated_ca: s.rotate_ca.clone(),
                 ..s.clone()
             },
@@ -369,9 +371,9 @@ mod tests {
         );
 
         let until = kept(plan(Some(&staged), &w, at).unwrap());
-        // Staged at whole seconds.
+        // Staged at whole seconds, rounded up: never less than the propagation time.
         let wait = until.duration_since(at).unwrap();
-        assert!(wait <= w.ca_propagation && wait > w.ca_propagation - Duration::from_secs(1));
+        assert!(wait >= w.ca_propagation && wait < w.ca_propagation + Duration::from_secs(1));
 
         let (served, why) = written(plan(Some(&staged), &w, until).unwrap());
         assert_eq!(why, Why::ServingFromNewCa);

@@ -306,8 +306,8 @@ async fn publish(
     ok
 }
 
-/// How soon to look again when everything is in order: renewals are planned by time, but
-/// someone may edit the configurations (e.g. a re-install that drops the caBundle).
+/// How soon to look again when everything is in order (renewals are planned by time and
+/// changes are watched; this is the safety net for a missed event).
 const RECHECK: Duration = Duration::from_secs(300);
 /// How soon to look again after a failure or a missing configuration.
 const RETRY: Duration = Duration::from_secs(10);
@@ -359,8 +359,22 @@ fn sleep_until(t: SystemTime) -> tokio::time::Sleep {
     tokio::time::sleep(wait.min(RECHECK))
 }
 
-/// Reacts to every change of the Secret (another replica's rotation, `bulwark certs rotate`)
-/// and to the planned times.
+type Changes = futures::stream::BoxStream<'static, Result<(), (&'static str, watcher::Error)>>;
+
+/// Changes of the one object called `name`.
+fn named_watch<K>(api: Api<K>, name: &str, what: &'static str) -> Changes
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    watcher::watcher(api, config)
+        .backoff(Jittered::for_watches())
+        .map(move |event| event.map(|_| ()).map_err(|e| (what, e)))
+        .boxed()
+}
+
+/// Reacts to every change of the Secret and of the two webhook configurations, and to the
+/// planned times.
 async fn keep_current(
     client: Client,
     api: Api<Secret>,
@@ -369,15 +383,28 @@ async fn keep_current(
     metrics: Arc<Metrics>,
     mut next: SystemTime,
 ) {
-    let config = watcher::Config::default().fields(&format!("metadata.name={}", opts.secret));
-    let mut events =
-        std::pin::pin!(watcher::watcher(api.clone(), config).backoff(Jittered::for_watches()));
+    // The Secret (another replica's write, `bulwark certs rotate`) and the two configurations
+    // (a re-install or an edit that drops the caBundle is repaired at once).
+    let name = &opts.webhook_configuration;
+    let mut events = futures::stream::select_all([
+        named_watch(api.clone(), &opts.secret, "certificate Secret"),
+        named_watch(
+            Api::<MutatingWebhookConfiguration>::all(client.clone()),
+            name,
+            "MutatingWebhookConfiguration",
+        ),
+        named_watch(
+            Api::<ValidatingWebhookConfiguration>::all(client.clone()),
+            name,
+            "ValidatingWebhookConfiguration",
+        ),
+    ]);
     loop {
         tokio::select! {
             event = events.next() => match event {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    tracing::warn!(secret = %opts.secret_ref(), error = %e, "watch of the certificate Secret failed; retrying");
+                Some(Ok(())) => {}
+                Some(Err((what, e))) => {
+                    tracing::warn!(what, error = %e, "watch failed; retrying");
                     continue;
                 }
                 None => return,
