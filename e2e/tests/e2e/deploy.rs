@@ -434,6 +434,115 @@ async fn ca_bundles(ctx: &Ctx) -> anyhow::Result<Vec<Option<String>>> {
     Ok(out)
 }
 
+pub async fn certs_cli_sets_the_ca_bundle(ctx: &mut Ctx) -> anyhow::Result<()> {
+    // Its own pair of configurations (never called: they match no namespace), so the cluster's
+    // registration keeps its self-managed caBundle.
+    let name = "bulwark-certs-cli";
+    let (mut mutating, mut validating) =
+        bulwark_e2e::objects::webhook_configurations(&ctx.state().webhook_url());
+    mutating.metadata.name = Some(name.into());
+    validating.metadata.name = Some(name.into());
+    let nothing = || {
+        Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                match_labels: Some([("bulwark-e2e/never".to_owned(), "x".to_owned())].into()),
+                ..Default::default()
+            },
+        )
+    };
+    for w in mutating.webhooks.iter_mut().flatten() {
+        w.namespace_selector = nothing();
+    }
+    for w in validating.webhooks.iter_mut().flatten() {
+        w.namespace_selector = nothing();
+    }
+    let (m_api, v_api) = (
+        Api::<MutatingWebhookConfiguration>::all(ctx.client.clone()),
+        Api::<ValidatingWebhookConfiguration>::all(ctx.client.clone()),
+    );
+    m_api.create(&Default::default(), &mutating).await?;
+    v_api.create(&Default::default(), &validating).await?;
+    let result = certs_cli_body(ctx, name, &m_api, &v_api).await;
+    m_api.delete(name, &Default::default()).await?;
+    v_api.delete(name, &Default::default()).await?;
+    result
+}
+
+async fn certs_cli_body(
+    ctx: &Ctx,
+    name: &str,
+    m_api: &Api<MutatingWebhookConfiguration>,
+    v_api: &Api<ValidatingWebhookConfiguration>,
+) -> anyhow::Result<()> {
+    let dir = ctx.state().dir.join("certs-cli");
+    let out = std::process::Command::new(&ctx.state().bulwark)
+        .args([
+            "certs",
+            "--dns",
+            "bulwark-webhook.bulwark-system.svc",
+            "--ip",
+            "127.0.0.1",
+        ])
+        .arg(format!("--out-dir={}", dir.display()))
+        .arg(format!("--patch-webhook-configuration={name}"))
+        .arg(format!(
+            "--kubeconfig={}",
+            ctx.state().kubeconfig().display()
+        ))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "bulwark certs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ca = std::fs::read(dir.join("ca.crt"))?;
+    use base64::Engine;
+    let printed = base64::engine::general_purpose::STANDARD
+        .decode(String::from_utf8_lossy(&out.stdout).trim())?;
+    ensure!(printed == ca, "the printed caBundle is not ca.crt");
+    let m = m_api.get(name).await?;
+    let v = v_api.get(name).await?;
+    let bundles: Vec<_> = m
+        .webhooks
+        .into_iter()
+        .flatten()
+        .map(|w| w.client_config.ca_bundle)
+        .chain(
+            v.webhooks
+                .into_iter()
+                .flatten()
+                .map(|w| w.client_config.ca_bundle),
+        )
+        .collect();
+    ensure!(
+        bundles.len() == 2
+            && bundles
+                .iter()
+                .all(|b| b.as_ref().map(|b| &b.0) == Some(&ca)),
+        "caBundles not set to ca.crt"
+    );
+    // A configuration that does not exist is an error, not silence.
+    let out = std::process::Command::new(&ctx.state().bulwark)
+        .args([
+            "certs",
+            "--dns",
+            "x",
+            "--patch-webhook-configuration=absent",
+        ])
+        .arg(format!("--out-dir={}", dir.display()))
+        .arg(format!(
+            "--kubeconfig={}",
+            ctx.state().kubeconfig().display()
+        ))
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("MutatingWebhookConfiguration absent not found"),
+        "patching an absent configuration: {err}"
+    );
+    Ok(())
+}
+
 pub async fn a_dropped_ca_bundle_is_restored(ctx: &mut Ctx) -> anyhow::Result<()> {
     let ca = stored(ctx).await?.ca;
     let api = Api::<ValidatingWebhookConfiguration>::all(ctx.client.clone());

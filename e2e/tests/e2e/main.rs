@@ -25,9 +25,9 @@ use bulwark_e2e::{
     cluster::{Component, DEFAULTED_ANNOTATION},
 };
 use deploy::{
-    a_dropped_ca_bundle_is_restored, deploy_manifests_are_accepted_by_the_api_server,
-    kustomize_and_helm_render_the_same_objects, rbac_is_least_privilege,
-    self_managed_certificates_rotate_without_failed_admissions,
+    a_dropped_ca_bundle_is_restored, certs_cli_sets_the_ca_bundle,
+    deploy_manifests_are_accepted_by_the_api_server, kustomize_and_helm_render_the_same_objects,
+    rbac_is_least_privilege, self_managed_certificates_rotate_without_failed_admissions,
 };
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::{
@@ -72,6 +72,7 @@ fn tests() -> Vec<(&'static str, TestFn)> {
         exempt_namespaces_and_critical_pods,
         self_managed_certificates_rotate_without_failed_admissions,
         a_dropped_ca_bundle_is_restored,
+        certs_cli_sets_the_ca_bundle,
         rbac_is_least_privilege,
         deploy_manifests_are_accepted_by_the_api_server,
         kustomize_and_helm_render_the_same_objects,
