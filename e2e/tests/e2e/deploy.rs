@@ -410,14 +410,20 @@ async fn stored(ctx: &Ctx) -> anyhow::Result<Stored> {
     })
 }
 
+/// The caBundle of every webhook in the cluster's own two configurations.
 async fn ca_bundles(ctx: &Ctx) -> anyhow::Result<Vec<Option<String>>> {
+    ca_bundles_of(ctx, WEBHOOK_CONFIGURATION).await
+}
+
+/// The caBundle of every webhook in the two configurations called `name`.
+async fn ca_bundles_of(ctx: &Ctx, name: &str) -> anyhow::Result<Vec<Option<String>>> {
     let text =
         |b: Option<k8s_openapi::ByteString>| b.map(|b| String::from_utf8_lossy(&b.0).into_owned());
     let m = Api::<MutatingWebhookConfiguration>::all(ctx.client.clone())
-        .get(WEBHOOK_CONFIGURATION)
+        .get(name)
         .await?;
     let v = Api::<ValidatingWebhookConfiguration>::all(ctx.client.clone())
-        .get(WEBHOOK_CONFIGURATION)
+        .get(name)
         .await?;
     let mut out: Vec<_> = m
         .webhooks
@@ -462,18 +468,13 @@ pub async fn certs_cli_sets_the_ca_bundle(ctx: &mut Ctx) -> anyhow::Result<()> {
     );
     m_api.create(&Default::default(), &mutating).await?;
     v_api.create(&Default::default(), &validating).await?;
-    let result = certs_cli_body(ctx, name, &m_api, &v_api).await;
+    let result = certs_cli_body(ctx, name).await;
     m_api.delete(name, &Default::default()).await?;
     v_api.delete(name, &Default::default()).await?;
     result
 }
 
-async fn certs_cli_body(
-    ctx: &Ctx,
-    name: &str,
-    m_api: &Api<MutatingWebhookConfiguration>,
-    v_api: &Api<ValidatingWebhookConfiguration>,
-) -> anyhow::Result<()> {
+async fn certs_cli_body(ctx: &Ctx, name: &str) -> anyhow::Result<()> {
     let dir = ctx.state().dir.join("certs-cli");
     let out = std::process::Command::new(&ctx.state().bulwark)
         .args([
@@ -500,25 +501,10 @@ async fn certs_cli_body(
     let printed = base64::engine::general_purpose::STANDARD
         .decode(String::from_utf8_lossy(&out.stdout).trim())?;
     ensure!(printed == ca, "the printed caBundle is not ca.crt");
-    let m = m_api.get(name).await?;
-    let v = v_api.get(name).await?;
-    let bundles: Vec<_> = m
-        .webhooks
-        .into_iter()
-        .flatten()
-        .map(|w| w.client_config.ca_bundle)
-        .chain(
-            v.webhooks
-                .into_iter()
-                .flatten()
-                .map(|w| w.client_config.ca_bundle),
-        )
-        .collect();
+    let bundles = ca_bundles_of(ctx, name).await?;
+    let ca = String::from_utf8(ca)?;
     ensure!(
-        bundles.len() == 2
-            && bundles
-                .iter()
-                .all(|b| b.as_ref().map(|b| &b.0) == Some(&ca)),
+        bundles.len() == 2 && bundles.iter().all(|b| b.as_deref() == Some(ca.as_str())),
         "caBundles not set to ca.crt"
     );
     // A configuration that does not exist is an error, not silence.
