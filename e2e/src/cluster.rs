@@ -243,6 +243,7 @@ impl State {
                 format!("--service-cluster-ip-range={}", pki::SERVICE_CIDR),
                 "--authorization-mode=Node,RBAC".into(),
                 "--enable-admission-plugins=NodeRestriction".into(),
+                format!("--admission-control-config-file={}", d(&p.admission_config)),
                 "--allow-privileged=true".into(),
                 "--profiling=false".into(),
                 // The `kubernetes` Service cannot point at a loopback address; nothing in
@@ -302,6 +303,8 @@ impl State {
                 format!("--webhook-configuration={}", objects::WEBHOOK_CONFIGURATION),
                 // A new CA is served 3 s after it is trusted (60 s in a real cluster).
                 "--ca-propagation-seconds=3".into(),
+                // Reviews only from kube-apiserver's client certificate.
+                format!("--client-ca={}", d(&p.webhook_client_ca)),
                 format!("--config={}", d(&self.dir.join("bulwark.yaml"))),
                 format!("--kubeconfig={}", kubeconfig(Identity::Webhook)),
             ],

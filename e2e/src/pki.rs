@@ -33,6 +33,11 @@ pub struct Pki {
     pub service_account_pub: PathBuf,
     /// The webhook CA, as read back from the caBundle the webhook set.
     pub webhook_ca_cert: PathBuf,
+    /// Signs the client certificate kube-apiserver shows the webhook (its --client-ca).
+    pub webhook_client_ca: PathBuf,
+    /// kube-apiserver's --admission-control-config-file: which client certificate it
+    /// presents to webhooks.
+    pub admission_config: PathBuf,
 }
 
 impl Pki {
@@ -46,6 +51,8 @@ impl Pki {
             service_account_key: file("service-account.key"),
             service_account_pub: file("service-account.pub"),
             webhook_ca_cert: file("webhook-ca.crt"),
+            webhook_client_ca: file("webhook-client-ca.crt"),
+            admission_config: file("admission.yaml"),
         }
     }
 }
@@ -135,6 +142,36 @@ pub fn generate(dir: &Path, apiserver_url: &str) -> anyhow::Result<Pki> {
     let sa = bulwark_certs::signing_key()?;
     write_pem(&pki.service_account_key, &sa.private_pem, true)?;
     write_pem(&pki.service_account_pub, &sa.public_pem, false)?;
+
+    // kube-apiserver authenticates to the webhook with its own client certificate (mTLS).
+    let client_ca = Ca::new("bulwark-e2e webhook client CA", DAYS)?;
+    let apiserver_client = client_ca.client("kube-apiserver-webhook-client", &[])?;
+    write_pem(&pki.webhook_client_ca, client_ca.cert_pem(), false)?;
+    let b64 = |s: &str| BASE64.encode(s.as_bytes());
+    let webhook_kubeconfig = pki_dir.join("webhook-client.kubeconfig");
+    let users = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        // "*": every webhook this API server calls (here only bulwark's).
+        "users": [{"name": "*", "user": {
+            "client-certificate-data": b64(&apiserver_client.cert_pem),
+            "client-key-data": b64(&apiserver_client.key_pem),
+        }}],
+    });
+    write_pem(&webhook_kubeconfig, &format!("{users:#}\n"), true)?;
+    let plugin = |name: &str| {
+        serde_json::json!({"name": name, "configuration": {
+            "apiVersion": "apiserver.config.k8s.io/v1",
+            "kind": "WebhookAdmissionConfiguration",
+            "kubeConfigFile": webhook_kubeconfig.display().to_string(),
+        }})
+    };
+    let admission = serde_json::json!({
+        "apiVersion": "apiserver.config.k8s.io/v1",
+        "kind": "AdmissionConfiguration",
+        "plugins": [plugin("MutatingAdmissionWebhook"), plugin("ValidatingAdmissionWebhook")],
+    });
+    write_pem(&pki.admission_config, &format!("{admission:#}\n"), false)?;
 
     for who in Identity::ALL {
         let (user, groups) = who.user();

@@ -524,3 +524,86 @@ async fn drain_one(proto: Proto) {
         .expect("shutdown finishes once drained")
         .expect("shutdown task");
 }
+
+/// A client over h2 that trusts the server's CA and presents `identity`.
+fn mtls_client(server: &TestServer, identity: Option<&bulwark_certs::Pair>) -> HttpsClient {
+    let mut builder =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
+    builder.http2_only(true);
+    builder.build(connector_as(&[&server.ca_pem], Proto::H2, identity))
+}
+
+#[tokio::test]
+async fn with_a_client_ca_reviews_need_its_client_certificate() {
+    let api_ca = bulwark_certs::Ca::new("kube-apiserver client CA", 1).expect("ca");
+    let dir = temp_dir("client-ca");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let ca_path = dir.join("client-ca.crt");
+    std::fs::write(&ca_path, api_ca.cert_pem()).expect("write CA");
+    let client_ca = bulwark::tls::ClientCa::load(&ca_path).expect("load client CA");
+    let server = TestServer::start_with(QUIET, Some(client_ca)).await;
+    let review = pod_review("uid-mtls", "ci", pod("p", "ci"), false);
+
+    // kube-apiserver's client certificate, signed by the client CA: reviews are answered.
+    let apiserver = api_ca.client("kube-apiserver", &[]).expect("client cert");
+    let reply = post(
+        &mtls_client(&server, Some(&apiserver)),
+        &server.url("/validate"),
+        &review,
+    )
+    .await;
+    assert_eq!(response(&reply)["allowed"], true);
+    let reply = post(
+        &mtls_client(&server, Some(&apiserver)),
+        &server.url("/mutate"),
+        &review,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    // No client certificate: probes work, reviews are refused with 401 and a reason.
+    let anonymous = mtls_client(&server, None);
+    let probe = send(&anonymous, "GET", &server.url("/healthz"), "")
+        .await
+        .expect("probe");
+    assert_eq!(probe.status, 200);
+    let reply = post(&anonymous, &server.url("/validate"), &review).await;
+    assert_eq!(reply.status, 401);
+    assert!(
+        reply.text().contains("client certificate"),
+        "{}",
+        reply.text()
+    );
+    let refused = server
+        .app
+        .metrics
+        .bad_requests
+        .with_label_values(&["validate", "unauthenticated"])
+        .get();
+    assert_eq!(refused, 1);
+
+    // A certificate from another CA fails the TLS handshake.
+    let stranger = bulwark_certs::Ca::new("someone else", 1)
+        .expect("ca")
+        .client("kube-apiserver", &[])
+        .expect("client cert");
+    let failed = send(
+        &mtls_client(&server, Some(&stranger)),
+        "POST",
+        &server.url("/validate"),
+        serde_json::to_vec(&review).expect("json"),
+    )
+    .await;
+    assert!(
+        failed.is_err(),
+        "a stranger's certificate was accepted: {:?}",
+        failed.map(|r| (r.status, r.text()))
+    );
+
+    // A file without a certificate is a start-up error naming it.
+    let empty = dir.join("empty.crt");
+    std::fs::write(&empty, "").expect("write");
+    let err = bulwark::tls::ClientCa::load(&empty).expect_err("empty bundle");
+    assert!(err.to_string().contains("empty.crt"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

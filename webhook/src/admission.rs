@@ -36,6 +36,8 @@ pub enum ReviewError {
     BodyTimeout(u64),
     #[error("reading request body: {0}")]
     Body(String),
+    #[error("a client certificate signed by the --client-ca is required for reviews")]
+    Unauthenticated,
 }
 
 impl ReviewError {
@@ -49,16 +51,24 @@ impl ReviewError {
             ReviewError::TooLarge => "too_large",
             ReviewError::BodyTimeout(_) => "body_timeout",
             ReviewError::Body(_) => "body",
+            ReviewError::Unauthenticated => "unauthenticated",
         }
     }
 }
 
 impl IntoResponse for ReviewError {
     fn into_response(self) -> Response {
+        let (status, text) = match self {
+            ReviewError::Unauthenticated => (StatusCode::UNAUTHORIZED, format!("{self}\n")),
+            _ => (
+                StatusCode::BAD_REQUEST,
+                format!("bad AdmissionReview: {self}\n"),
+            ),
+        };
         (
-            StatusCode::BAD_REQUEST,
+            status,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            format!("bad AdmissionReview: {self}\n"),
+            text,
         )
             .into_response()
     }

@@ -91,6 +91,10 @@ struct WebhookArgs {
     tls_key: Option<PathBuf>,
     #[command(flatten)]
     managed: ManagedCertArgs,
+    /// PEM CA bundle: /mutate and /validate then require a client certificate it signed
+    /// (kube-apiserver's, from its admission configuration); probes need none.
+    #[arg(long)]
+    client_ca: Option<PathBuf>,
     /// YAML file with cluster defaults (see README).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -388,6 +392,11 @@ async fn webhook(args: WebhookArgs) -> anyhow::Result<()> {
     {
         config.exempt_namespaces.push(ns);
     }
+    let client_ca = args
+        .client_ca
+        .as_deref()
+        .map(bulwark::tls::ClientCa::load)
+        .transpose()?;
     let app = App::new(Arc::new(config), args.offline);
     let client = if args.offline {
         tracing::info!("offline: no API server; policy from config, counts from own admissions");
@@ -434,6 +443,7 @@ async fn webhook(args: WebhookArgs) -> anyhow::Result<()> {
             listen: args.listen,
             metrics_listen: Some(args.metrics_listen),
             certs,
+            client_ca,
             reload_interval: Duration::from_secs(args.cert_reload_seconds.max(1)),
             drain_timeout: Duration::from_secs(args.drain_seconds),
         },

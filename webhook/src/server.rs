@@ -32,7 +32,7 @@ use crate::{
     cache::Cache,
     ledger::Ledger,
     metrics::Metrics,
-    tls::CertStore,
+    tls::{CertStore, ClientCa},
 };
 
 /// Time allowed for a TLS handshake, for request headers, and for a request body.
@@ -106,6 +106,8 @@ pub struct ServeOptions {
     /// `None`: no metrics listener.
     pub metrics_listen: Option<SocketAddr>,
     pub certs: Arc<CertStore>,
+    /// Require a client certificate from this CA for /mutate and /validate (mTLS).
+    pub client_ca: Option<ClientCa>,
     pub reload_interval: Duration,
     /// How long in-flight requests may take to finish after shutdown starts.
     pub drain_timeout: Duration,
@@ -216,9 +218,13 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, Revi
 async fn review(app: Arc<App>, endpoint: Endpoint, req: Request) -> Response {
     let start = Instant::now();
     let (parts, body) = req.into_parts();
-    let decoded = match read_body(&parts.headers, body).await {
-        Ok(bytes) => admission::decode(&bytes),
-        Err(e) => Err(e),
+    let decoded = if parts.extensions.get::<ClientCert>() == Some(&ClientCert::Absent) {
+        Err(ReviewError::Unauthenticated)
+    } else {
+        match read_body(&parts.headers, body).await {
+            Ok(bytes) => admission::decode(&bytes),
+            Err(e) => Err(e),
+        }
     };
     let review = match decoded {
         Ok(r) => r,
@@ -257,7 +263,8 @@ pub async fn start(app: Arc<App>, opts: ServeOptions) -> Result<Running, ServerE
         addr: opts.listen,
         source,
     })?;
-    let acceptor = TlsAcceptor::from(opts.certs.server_config()?);
+    let acceptor = TlsAcceptor::from(opts.certs.server_config(opts.client_ca.as_ref())?);
+    let mtls = opts.client_ca.is_some();
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
@@ -287,7 +294,7 @@ pub async fn start(app: Arc<App>, opts: ServeOptions) -> Result<Running, ServerE
     let router = router(app.clone());
     let drain_timeout = opts.drain_timeout;
     tasks.push(tokio::spawn(async move {
-        serve_tls(listener, acceptor, router, stop_rx, drain_timeout).await;
+        serve_tls(listener, acceptor, router, mtls, stop_rx, drain_timeout).await;
         reload.abort();
     }));
     tracing::info!(%addr, ?metrics_addr, "webhook listening");
@@ -306,10 +313,46 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await.map(|_| ());
 }
 
+/// Whether the connection a request came on presented a verified client certificate, when
+/// client certificates are required for reviews.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientCert {
+    Verified,
+    Absent,
+}
+
+/// The router, with what the connection's TLS handshake showed attached to each request.
+#[derive(Clone)]
+struct Tagged {
+    router: Router,
+    cert: Option<ClientCert>,
+}
+
+impl tower::Service<Request<hyper::body::Incoming>> for Tagged {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = <Router as tower::Service<Request<hyper::body::Incoming>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::<Request<hyper::body::Incoming>>::poll_ready(&mut self.router, cx)
+    }
+
+    fn call(&mut self, mut req: Request<hyper::body::Incoming>) -> Self::Future {
+        if let Some(cert) = self.cert {
+            req.extensions_mut().insert(cert);
+        }
+        self.router.call(req)
+    }
+}
+
 async fn serve_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     router: Router,
+    mtls: bool,
     mut stop: watch::Receiver<bool>,
     drain_timeout: Duration,
 ) {
@@ -348,7 +391,7 @@ async fn serve_tls(
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(router.clone());
+        let router = router.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
@@ -364,6 +407,20 @@ async fn serve_tls(
                     return;
                 }
             };
+            // The verifier has checked any certificate presented; only whether one was is left.
+            let cert = mtls.then(|| {
+                if tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .is_some_and(|c| !c.is_empty())
+                {
+                    ClientCert::Verified
+                } else {
+                    ClientCert::Absent
+                }
+            });
+            let service = TowerToHyperService::new(Tagged { router, cert });
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(tls), service)
                 .into_owned();

@@ -33,6 +33,8 @@ pub enum TlsError {
     Key { path: String, message: String },
     #[error("certificate {cert} does not match key {key}")]
     Mismatch { cert: String, key: String },
+    #[error("client CA {path}: {message}")]
+    ClientCa { path: String, message: String },
 }
 
 /// The crypto provider for every TLS endpoint: ring, TLS 1.2 and 1.3 only.
@@ -97,6 +99,34 @@ fn parse_pair(
         key: key_name.to_owned(),
     })?;
     Ok(certified)
+}
+
+/// The CAs whose client certificates (kube-apiserver's, from its admission configuration)
+/// may send reviews.
+#[derive(Debug, Clone)]
+pub struct ClientCa {
+    roots: Arc<rustls::RootCertStore>,
+}
+
+impl ClientCa {
+    pub fn load(path: &Path) -> Result<ClientCa, TlsError> {
+        let err = |message: String| TlsError::ClientCa {
+            path: path.display().to_string(),
+            message,
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&read(path)?) {
+            roots
+                .add(cert.map_err(|e| err(e.to_string()))?)
+                .map_err(|e| err(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(err("no PEM certificate found".into()));
+        }
+        Ok(ClientCa {
+            roots: Arc::new(roots),
+        })
+    }
 }
 
 /// Identifies a version of the files on disk (Kubernetes swaps Secret volumes via symlinks,
@@ -213,12 +243,30 @@ impl CertStore {
         Ok(true)
     }
 
-    /// A rustls server configuration that serves whatever certificate is current.
-    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
-        let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_no_client_auth()
-            .with_cert_resolver(self.clone());
+    /// A rustls server configuration that serves whatever certificate is current. With
+    /// `client_ca`, client certificates are asked for and verified against it; a connection
+    /// without one is still accepted (health probes carry none), and the review endpoints
+    /// refuse it (see the server).
+    pub fn server_config(
+        self: &Arc<Self>,
+        client_ca: Option<&ClientCa>,
+    ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+        let builder = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    ca.roots.clone(),
+                    self.provider.clone(),
+                )
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }

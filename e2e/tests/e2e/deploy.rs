@@ -355,8 +355,9 @@ pub async fn rbac_is_least_privilege(ctx: &mut Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The leaf certificate served on 127.0.0.1:`port`, verified against `ca_bundle`.
-fn served_certificate(port: u16, ca_bundle: &str) -> anyhow::Result<Vec<u8>> {
+/// Sends `request` (HTTP/1.1) over TLS to 127.0.0.1:`port`, verifying the server against
+/// `ca_bundle` and presenting no client certificate; the leaf served and the raw reply.
+fn https_exchange(port: u16, ca_bundle: &str, request: &[u8]) -> anyhow::Result<(Vec<u8>, String)> {
     use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_bundle.as_bytes()) {
@@ -370,14 +371,51 @@ fn served_certificate(port: u16, ca_bundle: &str) -> anyhow::Result<Vec<u8>> {
     let mut sock = TcpStream::connect(("127.0.0.1", port))?;
     sock.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut tls = rustls::Stream::new(&mut conn, &mut sock);
-    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    tls.write_all(request)?;
     let mut reply = Vec::new();
     let _ = tls.read_to_end(&mut reply);
     let leaf = conn
         .peer_certificates()
         .and_then(|c| c.first())
         .context("no certificate served")?;
-    Ok(leaf.as_ref().to_vec())
+    Ok((
+        leaf.as_ref().to_vec(),
+        String::from_utf8_lossy(&reply).into_owned(),
+    ))
+}
+
+/// The leaf certificate served on 127.0.0.1:`port`, verified against `ca_bundle`.
+fn served_certificate(port: u16, ca_bundle: &str) -> anyhow::Result<Vec<u8>> {
+    let request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    Ok(https_exchange(port, ca_bundle, request)?.0)
+}
+
+pub async fn only_the_api_server_may_send_reviews(ctx: &mut Ctx) -> anyhow::Result<()> {
+    // Every admission in these tests comes through kube-apiserver, which presents its client
+    // certificate; anyone else without one is refused, while probes stay open.
+    let ca = stored(ctx).await?.ca;
+    let port = ctx.state().ports.webhook;
+    let body = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).to_string();
+    let request = format!(
+        "POST /validate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (_, reply) = https_exchange(port, &ca, request.as_bytes())?;
+    ensure!(
+        reply.starts_with("HTTP/1.1 401") && reply.contains("client certificate"),
+        "a review without a client certificate: {reply}"
+    );
+    let (_, probe) = https_exchange(
+        port,
+        &ca,
+        b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )?;
+    ensure!(probe.starts_with("HTTP/1.1 200"), "readyz: {probe}");
+    let ns = ctx.namespace("mtls", &[]).await?;
+    ctx.create(&ns, &pod("through-the-api-server", json!({})))
+        .await?
+        .admitted()?;
+    Ok(())
 }
 
 fn first_der(pem: &str) -> anyhow::Result<Vec<u8>> {

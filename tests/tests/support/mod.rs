@@ -63,6 +63,14 @@ pub fn write_certs(dir: &Path) -> String {
 
 impl TestServer {
     pub async fn start(config_yaml: &str) -> TestServer {
+        TestServer::start_with(config_yaml, None).await
+    }
+
+    /// With `client_ca`, reviews need a client certificate it signed (mTLS).
+    pub async fn start_with(
+        config_yaml: &str,
+        client_ca: Option<bulwark::tls::ClientCa>,
+    ) -> TestServer {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = temp_dir("server");
         let ca_pem = write_certs(&dir);
@@ -75,6 +83,7 @@ impl TestServer {
                 listen: "127.0.0.1:0".parse().expect("addr"),
                 metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
                 certs,
+                client_ca,
                 reload_interval: Duration::from_millis(50),
                 drain_timeout: Duration::from_secs(5),
             },
@@ -119,6 +128,15 @@ pub fn connector(
     cas: &[&str],
     proto: Proto,
 ) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
+    connector_as(cas, proto, None)
+}
+
+/// [`connector`] presenting `identity` (a certificate and key, PEM) as its client certificate.
+pub fn connector_as(
+    cas: &[&str],
+    proto: Proto,
+    identity: Option<&bulwark_certs::Pair>,
+) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
     let mut roots = rustls::RootCertStore::empty();
     for ca in cas {
         for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
@@ -130,8 +148,18 @@ pub fn connector(
     ))
     .with_safe_default_protocol_versions()
     .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let tls = match identity {
+        None => tls.with_no_client_auth(),
+        Some(pair) => {
+            let chain = CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .expect("client cert pem");
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes())
+                .expect("client key pem");
+            tls.with_client_auth_cert(chain, key).expect("client cert")
+        }
+    };
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only();
