@@ -303,6 +303,8 @@ impl State {
                 format!("--webhook-configuration={}", objects::WEBHOOK_CONFIGURATION),
                 // A new CA is served 3 s after it is trusted (60 s in a real cluster).
                 "--ca-propagation-seconds=3".into(),
+                // The rate is shared among the ready endpoints of this Service (a test makes some).
+                "--peers-service=bulwark-webhook".into(),
                 // Reviews only from kube-apiserver's client certificate.
                 format!("--client-ca={}", d(&p.webhook_client_ca)),
                 format!("--config={}", d(&self.dir.join("bulwark.yaml"))),

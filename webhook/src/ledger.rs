@@ -7,7 +7,7 @@ use std::{
     collections::{HashMap, VecDeque},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -90,6 +90,8 @@ pub struct Ledger {
     namespaces: DashMap<Box<str>, NamespaceLedger>,
     reserved: AtomicU64,
     reserved_pending: AtomicU64,
+    /// Ready webhook replicas sharing each namespace's rate (1 until told otherwise).
+    replicas: AtomicU32,
 }
 
 impl Ledger {
@@ -100,7 +102,17 @@ impl Ledger {
             namespaces: DashMap::new(),
             reserved: AtomicU64::new(0),
             reserved_pending: AtomicU64::new(0),
+            replicas: AtomicU32::new(1),
         }
+    }
+
+    /// How many ready replicas share the namespace rates (at least 1).
+    pub fn set_replicas(&self, n: u32) {
+        self.replicas.store(n.max(1), Ordering::Relaxed);
+    }
+
+    pub fn replicas(&self) -> u32 {
+        self.replicas.load(Ordering::Relaxed)
     }
 
     fn nanos(&self, now: Instant) -> Nanos {
@@ -165,13 +177,18 @@ impl Ledger {
         let checked = quota::check_counts(policy, &snap, ask, limits.workflow_reserved_percent)
             .and_then(|()| match policy.rate {
                 None => Ok(None),
-                Some(r) => rate::check(ns.tat, self.nanos(now), r, policy.burst)
-                    .map(Some)
-                    .map_err(|wait| Refusal::Rate {
-                        rate: r,
-                        burst: policy.burst,
-                        wait,
-                    }),
+                // The refusal names the namespace's whole limit: that is what the user set.
+                Some(r) => {
+                    let n = self.replicas();
+                    let burst = crate::policy::shared_burst(policy.burst, n);
+                    rate::check(ns.tat, self.nanos(now), r.shared(n), burst)
+                }
+                .map(Some)
+                .map_err(|wait| Refusal::Rate {
+                    rate: r,
+                    burst: policy.burst,
+                    wait,
+                }),
             });
 
         let new_tat = match (checked, commit) {
@@ -538,6 +555,33 @@ mod tests {
         }
         let r = f.admit(&p, Commit::Enforce).unwrap_err();
         assert_eq!(r.expected_wait(), Duration::from_millis(200));
+        assert!(f.enforce_in("b", &p).is_ok());
+    }
+
+    #[test]
+    fn replicas_share_the_rate_and_the_refusal_names_the_whole_limit() {
+        let f = Fixture::new(None);
+        f.ledger.set_replicas(2);
+        // 10/s burst 5 over two replicas: this one admits 3 at once (5/2 rounded up), then
+        // one every 200 ms.
+        let p = rated("10/s", 5);
+        for _ in 0..3 {
+            f.admit(&p, Commit::Enforce).unwrap();
+        }
+        let r = f.admit(&p, Commit::Enforce).unwrap_err();
+        assert_eq!(r.expected_wait(), Duration::from_millis(200));
+        let message = r.message("a", 1);
+        assert!(
+            message.contains("10/s (burst 5)"),
+            "the namespace's limit, not this replica's part: {message}"
+        );
+        let admit = |at| f.admit_as(None, &p, Ask::default(), Commit::Enforce, at);
+        assert!(admit(f.t + Duration::from_millis(200)).is_ok());
+        assert!(admit(f.t + Duration::from_millis(200)).is_err());
+
+        // Zero ready replicas seen (e.g. none ready yet) counts as this one alone.
+        f.ledger.set_replicas(0);
+        assert_eq!(f.ledger.replicas(), 1);
         assert!(f.enforce_in("b", &p).is_ok());
     }
 }

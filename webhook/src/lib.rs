@@ -12,6 +12,7 @@ pub mod jitter;
 pub mod ledger;
 pub mod metrics;
 pub mod nodes;
+pub mod peers;
 pub mod pod;
 pub mod policy;
 pub mod quantity;

@@ -91,6 +91,10 @@ struct WebhookArgs {
     tls_key: Option<PathBuf>,
     #[command(flatten)]
     managed: ManagedCertArgs,
+    /// Share each namespace's rate among the ready endpoints of this Service (the webhook's
+    /// own, in $POD_NAMESPACE or bulwark-system), so the limit holds across replicas.
+    #[arg(long)]
+    peers_service: Option<String>,
     /// PEM CA bundle: /mutate and /validate then require a client certificate it signed
     /// (kube-apiserver's, from its admission configuration); probes need none.
     #[arg(long)]
@@ -420,6 +424,10 @@ async fn webhook(args: WebhookArgs) -> anyhow::Result<()> {
         }
         _ => anyhow::bail!("give either --tls-cert and --tls-key, or --cert-secret"),
     };
+    if let (Some(client), Some(service)) = (&client, &args.peers_service) {
+        let namespace = env_or("POD_NAMESPACE", || "bulwark-system".into());
+        bulwark::peers::spawn(client.clone(), &namespace, service, app.ledger.clone());
+    }
     if let Some(client) = client {
         watch::spawn(
             client,

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub cert_not_after: Gauge,
     pods: IntGaugeVec,
     reservations: IntGauge,
+    replicas: IntGauge,
     schedulable_nodes: IntGauge,
     cache_age: prometheus::GaugeVec,
     up_since: Gauge,
@@ -140,6 +141,14 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            replicas: register(
+                r,
+                IntGauge::new(
+                    "rate_share_replicas",
+                    "Ready webhook replicas each namespace's rate is shared among",
+                )
+                .expect("valid metric"),
+            ),
             schedulable_nodes: register(
                 r,
                 IntGauge::new("schedulable_nodes", "Ready, untainted, schedulable nodes")
@@ -188,6 +197,7 @@ impl Metrics {
             .with_label_values(&["pending"])
             .set(clamp(cache.cluster_pending()));
         self.reservations.set(clamp(ledger.reserved()));
+        self.replicas.set(i64::from(ledger.replicas()));
         if let Some(n) = cache.schedulable_nodes() {
             self.schedulable_nodes.set(i64::from(n));
         }

@@ -62,6 +62,23 @@ enum Per {
     Hour,
 }
 
+impl Rate {
+    /// One replica's part when `replicas` share the rate: each admits 1/`replicas` of it, so
+    /// together they hold the namespace's limit.
+    pub fn shared(self, replicas: u32) -> Rate {
+        Rate {
+            interval: self.interval.saturating_mul(replicas.max(1)),
+            ..self
+        }
+    }
+}
+
+/// One replica's part of a burst: rounded up, so a burst smaller than the number of replicas
+/// still admits one creation per replica.
+pub fn shared_burst(burst: u32, replicas: u32) -> u32 {
+    burst.div_ceil(replicas.max(1)).max(1)
+}
+
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let unit = match self.per {

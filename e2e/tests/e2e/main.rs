@@ -28,7 +28,7 @@ use deploy::{
     a_dropped_ca_bundle_is_restored, certs_cli_sets_the_ca_bundle,
     deploy_manifests_are_accepted_by_the_api_server, kustomize_and_helm_render_the_same_objects,
     only_the_api_server_may_send_reviews, rbac_is_least_privilege,
-    self_managed_certificates_rotate_without_failed_admissions,
+    replicas_share_the_namespace_rate, self_managed_certificates_rotate_without_failed_admissions,
 };
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::{
@@ -75,6 +75,7 @@ fn tests() -> Vec<(&'static str, TestFn)> {
         a_dropped_ca_bundle_is_restored,
         certs_cli_sets_the_ca_bundle,
         only_the_api_server_may_send_reviews,
+        replicas_share_the_namespace_rate,
         rbac_is_least_privilege,
         deploy_manifests_are_accepted_by_the_api_server,
         kustomize_and_helm_render_the_same_objects,

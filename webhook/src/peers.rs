@@ -1,0 +1,104 @@
+//! How many webhook replicas share each namespace's rate: the ready endpoints of the webhook's
+//! own Service, from a watch of its EndpointSlices. kube-apiserver spreads reviews over them,
+//! so each replica admits its share and together they hold the namespace's limit.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::{WatchStreamExt, watcher},
+};
+
+use crate::{backoff::Jittered, ledger::Ledger};
+
+/// Ready endpoints across the Service's slices, each address once (an address may appear in
+/// two slices while they are rewritten). An endpoint without conditions counts as ready, as
+/// the API documents.
+pub fn ready_replicas<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>) -> u32 {
+    let mut ready = BTreeSet::new();
+    for slice in slices {
+        for ep in &slice.endpoints {
+            let is_ready = ep.conditions.as_ref().and_then(|c| c.ready) != Some(false);
+            if is_ready && let Some(address) = ep.addresses.first() {
+                ready.insert(address.clone());
+            }
+        }
+    }
+    u32::try_from(ready.len()).unwrap_or(u32::MAX)
+}
+
+/// Keeps `ledger`'s replica count equal to the ready endpoints of `service` in `namespace`.
+pub fn spawn(client: Client, namespace: &str, service: &str, ledger: Arc<Ledger>) {
+    let api: Api<EndpointSlice> = Api::namespaced(client, namespace);
+    let config =
+        watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
+    let service = service.to_owned();
+    tokio::spawn(async move {
+        let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
+        let mut fresh: BTreeMap<String, EndpointSlice> = BTreeMap::new();
+        let mut events =
+            std::pin::pin!(watcher::watcher(api, config).backoff(Jittered::for_watches()));
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(watcher::Event::Apply(s)) => {
+                    slices.insert(s.name_any(), s);
+                }
+                Ok(watcher::Event::Delete(s)) => {
+                    slices.remove(&s.name_any());
+                }
+                Ok(watcher::Event::Init) => fresh.clear(),
+                Ok(watcher::Event::InitApply(s)) => {
+                    fresh.insert(s.name_any(), s);
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => slices = std::mem::take(&mut fresh),
+                Err(e) => {
+                    tracing::warn!(%service, error = %e, "watch of the webhook's EndpointSlices failed; keeping the last replica count");
+                    continue;
+                }
+            }
+            let n = ready_replicas(slices.values());
+            if n.max(1) != ledger.replicas() {
+                tracing::info!(%service, replicas = n, "namespace rates shared among ready replicas");
+            }
+            ledger.set_replicas(n);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(endpoints: &[(&str, Option<bool>)]) -> EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "addressType": "IPv4",
+            "endpoints": endpoints.iter().map(|(ip, ready)| {
+                let mut ep = serde_json::json!({"addresses": [ip]});
+                if let Some(r) = ready {
+                    ep["conditions"] = serde_json::json!({"ready": r});
+                }
+                ep
+            }).collect::<Vec<_>>(),
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn counts_ready_addresses_once() {
+        let a = slice(&[
+            ("10.0.0.1", Some(true)),
+            ("10.0.0.2", Some(false)),
+            ("10.0.0.3", None),
+        ]);
+        let b = slice(&[("10.0.0.1", Some(true)), ("10.0.0.4", Some(true))]);
+        assert_eq!(ready_replicas([&a]), 2);
+        assert_eq!(ready_replicas([&a, &b]), 3);
+        assert_eq!(ready_replicas(std::iter::empty()), 0);
+    }
+}
