@@ -607,3 +607,344 @@ async fn with_a_client_ca_reviews_need_its_client_certificate() {
     assert!(err.to_string().contains("empty.crt"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An AdmissionReview for `object` of `kind`, as a JSON value to be mangled by the cases.
+fn review_of(kind: &str, resource: &str, object: Value) -> Value {
+    let mut r = pod_review("u-hostile", "ci", object, false);
+    r["request"]["kind"]["kind"] = json!(kind);
+    r["request"]["requestKind"]["kind"] = json!(kind);
+    r["request"]["resource"]["resource"] = json!(resource);
+    r["request"]["requestResource"]["resource"] = json!(resource);
+    r
+}
+
+fn with_resources(resources: Value) -> Value {
+    let mut p = pod("p", "ci");
+    p["spec"]["containers"][0]["resources"] = resources;
+    p
+}
+
+fn bytes(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).expect("json")
+}
+
+/// Hostile and odd bodies, each with the bounded answer it must get: a 400 naming what is
+/// wrong, or (for what is valid JSON of the right shape) an ordinary answer that leaves what
+/// the user wrote to the API server's own validation. The server stays healthy throughout.
+#[tokio::test]
+async fn hostile_bodies_get_bounded_answers() {
+    let server = TestServer::start(QUIET).await;
+    let good = pod_review("u-hostile", "ci", pod("p", "ci"), false);
+    let mut uid_number = good.clone();
+    uid_number["request"]["uid"] = json!(5);
+    let mut no_object = good.clone();
+    no_object["request"]["object"] = Value::Null;
+    let mut operation_typo = good.clone();
+    operation_typo["request"]["operation"] = json!("CREAT");
+    let mut containers_number = good.clone();
+    containers_number["request"]["object"]["spec"]["containers"] = json!(5);
+    let mut request_string = good.clone();
+    request_string["request"] = json!("yes");
+    let deep_object = {
+        let mut v = good.clone();
+        v["request"]["object"]["metadata"]["annotations"] = Value::Null;
+        let mut text = String::from_utf8(bytes(&v)).expect("utf8");
+        let nest = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+        text = text.replace(
+            "\"annotations\":null",
+            &format!("\"annotations\":null,\"x-unknown\":{nest}"),
+        );
+        text.into_bytes()
+    };
+    let many_containers = {
+        let mut p = pod("p", "ci");
+        p["spec"]["containers"] = Value::Array(
+            (0..5000)
+                .map(|i| json!({"name": format!("c{i}"), "image": "i"}))
+                .collect(),
+        );
+        bytes(&pod_review("u-hostile", "ci", p, false))
+    };
+    let long_name = bytes(&pod_review(
+        "u-hostile",
+        "ci",
+        pod(&"n".repeat(100_000), "ci"),
+        false,
+    ));
+
+    // (name, endpoint, body, status, text the answer must contain)
+    let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        ("empty body", "validate", vec![], 400, "not valid JSON"),
+        (
+            "whitespace",
+            "validate",
+            b"  \n ".to_vec(),
+            400,
+            "not valid JSON",
+        ),
+        ("null", "validate", b"null".to_vec(), 400, "does not match"),
+        ("array", "validate", b"[]".to_vec(), 400, "does not match"),
+        (
+            "string",
+            "mutate",
+            b"\"AdmissionReview\"".to_vec(),
+            400,
+            "does not match",
+        ),
+        ("number", "mutate", b"1e999".to_vec(), 400, "not valid JSON"),
+        (
+            "non-UTF-8",
+            "validate",
+            b"{\"kind\":\"\xff\xfe\"}".to_vec(),
+            400,
+            "not valid JSON",
+        ),
+        (
+            "UTF-8 BOM",
+            "validate",
+            [b"\xef\xbb\xbf".as_slice(), &bytes(&good)].concat(),
+            400,
+            "not valid JSON",
+        ),
+        (
+            "trailing garbage",
+            "validate",
+            [bytes(&good), b"}}".to_vec()].concat(),
+            400,
+            "not valid JSON",
+        ),
+        (
+            "two documents",
+            "validate",
+            [bytes(&good), bytes(&good)].concat(),
+            400,
+            "not valid JSON",
+        ),
+        (
+            "5000-deep nesting in an unknown pod field is skipped",
+            "mutate",
+            deep_object.clone(),
+            200,
+            "\"allowed\":true",
+        ),
+        (
+            "5000-deep nesting",
+            "validate",
+            format!("{}{}", "[".repeat(5000), "]".repeat(5000)).into_bytes(),
+            400,
+            "does not match",
+        ),
+        (
+            "wrong kind",
+            "validate",
+            br#"{"apiVersion":"admission.k8s.io/v1","kind":"Pod","request":null}"#.to_vec(),
+            400,
+            "expected apiVersion",
+        ),
+        (
+            "request is a string",
+            "validate",
+            bytes(&request_string),
+            400,
+            "does not match",
+        ),
+        (
+            "uid is a number",
+            "mutate",
+            bytes(&uid_number),
+            400,
+            "expected a string",
+        ),
+        (
+            "operation typo",
+            "validate",
+            bytes(&operation_typo),
+            400,
+            "does not match",
+        ),
+        (
+            "containers is a number",
+            "mutate",
+            bytes(&containers_number),
+            400,
+            "pod object",
+        ),
+        (
+            "pod CREATE without object",
+            "validate",
+            bytes(&no_object),
+            200,
+            "\"allowed\":true",
+        ),
+        (
+            "unknown kind passes",
+            "validate",
+            bytes(&review_of(
+                "Widget",
+                "widgets",
+                json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}),
+            )),
+            200,
+            "\"allowed\":true",
+        ),
+        (
+            "a Deployment passes",
+            "mutate",
+            bytes(&review_of(
+                "Deployment",
+                "deployments",
+                json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}}),
+            )),
+            200,
+            "\"allowed\":true",
+        ),
+        (
+            "absurd cpu limit kept for the API server to judge",
+            "mutate",
+            bytes(&pod_review(
+                "u-hostile",
+                "ci",
+                with_resources(json!({"limits": {"cpu": "1e400"}})),
+                false,
+            )),
+            200,
+            "\"allowed\":true",
+        ),
+        (
+            "negative memory kept",
+            "mutate",
+            bytes(&pod_review(
+                "u-hostile",
+                "ci",
+                with_resources(json!({"requests": {"memory": "-5Gi"}})),
+                false,
+            )),
+            200,
+            "\"allowed\":true",
+        ),
+        (
+            "unreadable quantity kept",
+            "validate",
+            bytes(&pod_review(
+                "u-hostile",
+                "ci",
+                with_resources(json!({"limits": {"cpu": "lots"}})),
+                false,
+            )),
+            200,
+            "\"allowed\":true",
+        ),
+        (
+            "request above limit kept",
+            "mutate",
+            bytes(&pod_review(
+                "u-hostile",
+                "ci",
+                with_resources(json!({"requests": {"cpu": "2"}, "limits": {"cpu": "1"}})),
+                false,
+            )),
+            200,
+            "\"allowed\":true",
+        ),
+        (
+            "5000 containers",
+            "mutate",
+            many_containers,
+            200,
+            "bulwark.io/defaulted",
+        ),
+        (
+            "100 kB pod name",
+            "validate",
+            long_name,
+            200,
+            "\"allowed\":true",
+        ),
+    ];
+    let client = server.client(Proto::H2);
+    for (name, endpoint, body, status, expect) in &cases {
+        let reply = send(
+            &client,
+            "POST",
+            &server.url(&format!("/{endpoint}")),
+            body.clone(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(reply.status, *status, "{name}: {}", reply.text());
+        let text = reply.text();
+        assert!(
+            text.contains(expect),
+            "{name}: {}",
+            &text[..text.len().min(400)]
+        );
+        // Bounded by the request: a mutate patch for many containers is the largest answer
+        // (28 times its pod for 5000 containers, while patches are JSON arrays of byte values).
+        assert!(
+            text.len() <= 32 * body.len() + 64 * 1024,
+            "{name}: a {} byte answer to {} bytes",
+            text.len(),
+            body.len()
+        );
+    }
+    let health = send(&client, "GET", &server.url("/healthz"), "")
+        .await
+        .expect("healthz");
+    assert_eq!(health.status, 200);
+    // A good review is still answered normally after all of them.
+    let reply = post(&client, &server.url("/validate"), &good).await;
+    assert_eq!(response(&reply)["allowed"], true);
+}
+
+/// Plain HTTP and TLS garbage on the HTTPS port, and idle connections, cost the server nothing
+/// it needs: each is dropped, and reviews keep being answered meanwhile.
+#[tokio::test]
+async fn plain_http_garbage_and_idle_connections_leave_the_server_healthy() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start(QUIET).await;
+    // Idle: connected, never a byte.
+    let idle: Vec<_> = futures_idle(server.addr, 50).await;
+    let mut plain = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    plain
+        .write_all(b"POST /validate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "plain HTTP on the TLS port was left hanging");
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("AdmissionReview"),
+        "plain HTTP got a review answer"
+    );
+    let mut garbage = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    garbage
+        .write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0, 0, 0])
+        .await
+        .expect("write");
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), garbage.read_to_end(&mut sink)).await;
+    assert!(read.is_ok(), "a broken TLS record was left hanging");
+
+    // 300 concurrent reviews over one h2 connection (more than its 256 streams) all answered.
+    let client = server.client(Proto::H2);
+    let review = pod_review("u-many", "ci", pod("p", "ci"), false);
+    let url = server.url("/validate");
+    let replies = futures::future::join_all((0..300).map(|_| post(&client, &url, &review))).await;
+    assert!(
+        replies.iter().all(|r| r.status == 200),
+        "a stream was refused"
+    );
+    drop(idle);
+}
+
+async fn futures_idle(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    out
+}
