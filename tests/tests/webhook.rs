@@ -948,3 +948,48 @@ async fn futures_idle(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net::T
     }
     out
 }
+
+/// A body that stops arriving halfway gets a 400 once the 10 s body timeout passes, and the
+/// connection's other streams are answered meanwhile.
+#[tokio::test]
+async fn a_stalled_body_times_out_with_a_400() {
+    use http_body_util::{BodyExt, channel::Channel};
+    let server = TestServer::start(QUIET).await;
+    let client = client_with_body::<Channel<bytes::Bytes>>(&[&server.ca_pem], Proto::H2, true);
+    let body = bytes(&pod_review("u-slow", "ci", pod("p", "ci"), false));
+    let (mut tx, channel) = Channel::<bytes::Bytes>::new(1);
+    let req = http::Request::post(server.url("/validate"))
+        .header("content-type", "application/json")
+        .body(channel)
+        .expect("request");
+    let started = std::time::Instant::now();
+    let stalled = tokio::spawn(client.request(req));
+    tx.send_data(bytes::Bytes::copy_from_slice(&body[..body.len() / 2]))
+        .await
+        .expect("first half");
+
+    let quick = server.client(Proto::H2);
+    let reply = post(
+        &quick,
+        &server.url("/validate"),
+        &pod_review("u-quick", "ci", pod("q", "ci"), false),
+    )
+    .await;
+    assert_eq!(response(&reply)["allowed"], true);
+
+    let resp = tokio::time::timeout(Duration::from_secs(20), stalled)
+        .await
+        .expect("answered within the body timeout and some")
+        .expect("task")
+        .expect("answered, not dropped");
+    let took = started.elapsed();
+    assert_eq!(resp.status(), 400);
+    let text = resp.into_body().collect().await.expect("body").to_bytes();
+    assert!(
+        String::from_utf8_lossy(&text).contains("not received within 10 seconds"),
+        "{}",
+        String::from_utf8_lossy(&text)
+    );
+    assert!(took >= Duration::from_secs(10), "answered after {took:?}");
+    drop(tx);
+}
