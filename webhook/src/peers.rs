@@ -9,12 +9,9 @@ use std::{
 
 use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::{
-    Api, Client, ResourceExt,
-    runtime::{WatchStreamExt, watcher},
-};
+use kube::{Api, Client, ResourceExt, runtime::watcher};
 
-use crate::{backoff::Jittered, ledger::Ledger};
+use crate::ledger::Ledger;
 
 /// Ready endpoints across the Service's slices, each address once (an address may appear in
 /// two slices while they are rewritten). An endpoint without conditions counts as ready, as
@@ -41,8 +38,7 @@ pub fn spawn(client: Client, namespace: &str, service: &str, ledger: Arc<Ledger>
     tokio::spawn(async move {
         let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
         let mut fresh: BTreeMap<String, EndpointSlice> = BTreeMap::new();
-        let mut events =
-            std::pin::pin!(watcher::watcher(api, config).backoff(Jittered::for_watches()));
+        let mut events = std::pin::pin!(crate::watch::stream(api, config));
         while let Some(event) = events.next().await {
             match event {
                 Ok(watcher::Event::Apply(s)) => {

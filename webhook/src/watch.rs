@@ -41,11 +41,15 @@ pub fn spawn(client: Client, cache: Arc<Cache>, ledger: Arc<Ledger>, metrics: Ar
     tokio::spawn(publish_problems(client, rx));
 }
 
-fn stream<K>(api: Api<K>) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send
+/// A watch that resumes after errors with the jittered back-off every bulwark watch uses.
+pub fn stream<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    watcher::watcher(api, watcher::Config::default()).backoff(Jittered::for_watches())
+    watcher::watcher(api, config).backoff(Jittered::for_watches())
 }
 
 fn log_error(resource: &str, e: &watcher::Error) {
@@ -55,7 +59,7 @@ fn log_error(resource: &str, e: &watcher::Error) {
 async fn watch_pods(api: Api<Pod>, cache: Arc<Cache>, ledger: Arc<Ledger>) {
     let labels = cache.workflow_labels().to_vec();
     let mut buffer = Vec::new();
-    let mut events = std::pin::pin!(stream(api));
+    let mut events = std::pin::pin!(stream(api, watcher::Config::default()));
     while let Some(event) = events.next().await {
         let now = Instant::now();
         match event {
@@ -104,7 +108,7 @@ async fn watch_namespaces(
     reports: mpsc::Sender<ProblemReport>,
 ) {
     let mut seen = HashSet::new();
-    let mut events = std::pin::pin!(stream(api));
+    let mut events = std::pin::pin!(stream(api, watcher::Config::default()));
     let apply = |ns: Namespace, now| {
         let name = ns.name_any();
         if let Some(problems) = cache.apply_namespace(&name, ns.metadata.annotations.as_ref(), now)
@@ -145,7 +149,7 @@ async fn watch_namespaces(
 
 async fn watch_nodes(api: Api<Node>, cache: Arc<Cache>) {
     let mut seen = HashSet::new();
-    let mut events = std::pin::pin!(stream(api));
+    let mut events = std::pin::pin!(stream(api, watcher::Config::default()));
     while let Some(event) = events.next().await {
         let now = Instant::now();
         match event {

@@ -20,7 +20,7 @@ use k8s_openapi::{
 use kube::{
     Api, Client, Resource,
     api::{Patch, PatchParams, PostParams},
-    runtime::{WatchStreamExt, watcher},
+    runtime::watcher,
 };
 
 use super::{
@@ -367,8 +367,7 @@ where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    watcher::watcher(api, config)
-        .backoff(Jittered::for_watches())
+    crate::watch::stream(api, config)
         .map(move |event| event.map(|_| ()).map_err(|e| (what, e)))
         .boxed()
 }
