@@ -59,6 +59,7 @@ impl Admitter {
             limits: Limits {
                 cluster: config.cluster,
                 workflow_reserved_percent: config.workflow_reserved_percent,
+                count_quotas: true,
             },
             default_namespace: Arc::new(NamespaceInfo {
                 policy: config.defaults.clone(),
@@ -169,18 +170,20 @@ impl Admitter {
             pending_exempt: facts.pending_exempt,
             workflow: facts.workflow.as_deref(),
         };
-        let result = self.ledger.admit(
-            &*self.view,
-            ns,
-            name,
-            policy,
-            ask,
-            &self.limits,
-            commit,
-            now,
-        );
+        let stale = self.view.stale(self.config.cache_stale_limit, now);
+        let limits = Limits {
+            count_quotas: stale.is_none(),
+            ..self.limits
+        };
+        if let Some(stale) = &stale {
+            warnings.push(stale.warning());
+        }
+        let result = self
+            .ledger
+            .admit(&*self.view, ns, name, policy, ask, &limits, commit, now);
         let Err(refusal) = result else {
-            return (with_warnings(allow, warnings), outcome("allowed", "ok"));
+            let reason = if stale.is_some() { "cache_stale" } else { "ok" };
+            return (with_warnings(allow, warnings), outcome("allowed", reason));
         };
         let retry = jitter::jittered(refusal.expected_wait(), self.config.max_retry_after);
         let message = refusal.message(ns, retry);
@@ -207,5 +210,94 @@ impl Admitter {
         );
         let resp = with_warnings(too_many_requests(allow, message, retry), warnings);
         (resp, outcome("refused", refusal.reason()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::{
+        admission::decode,
+        cache::{Cache, Resource},
+        config::ClusterLimits,
+        policy::Policy,
+    };
+
+    fn review(uid: &str) -> Review {
+        let body = json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": uid,
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": "ci",
+                "operation": "CREATE",
+                "userInfo": {"username": "someone"},
+                "object": {"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": uid, "namespace": "ci"},
+                    "spec": {"containers": [{"name": "c", "image": "x"}]}},
+            },
+        });
+        decode(&serde_json::to_vec(&body).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_watch_failing_past_the_limit_opens_the_count_quotas_with_a_warning() {
+        let config = Config {
+            defaults: Policy {
+                rate: None,
+                max_pods: Some(1),
+                ..Policy::default()
+            },
+            cluster: ClusterLimits {
+                max_pending_pods: None,
+                pending_per_healthy_node: None,
+            },
+            cache_stale_limit: Duration::from_secs(60),
+            ..Config::default()
+        };
+        let t = Instant::now();
+        let cache = Arc::new(Cache::new(config.defaults.clone(), vec![]));
+        let admitter = Admitter::new(
+            Arc::new(config),
+            cache.clone(),
+            Arc::new(Ledger::new(Duration::from_secs(600), t)),
+            Arc::new(Metrics::new()),
+        );
+        let (resp, o) = admitter.validate(&review("a"), t);
+        assert!(resp.allowed && o.reason == "ok", "{o:?}");
+        let (resp, o) = admitter.validate(&review("b"), t);
+        assert!(!resp.allowed && o.reason == "max_pods", "{o:?}");
+
+        // Failing, but within the limit: the last snapshot still decides.
+        let mut at = t;
+        for _ in 0..12 {
+            cache.watch_failed(Resource::Pods, at);
+            at += Duration::from_secs(5);
+        }
+        let at = at + Duration::from_secs(1);
+        let (resp, o) = admitter.validate(&review("c"), t + Duration::from_secs(59));
+        assert!(!resp.allowed && o.reason == "max_pods", "{o:?}");
+
+        let (resp, o) = admitter.validate(&review("d"), at);
+        assert!(resp.allowed, "{o:?}");
+        assert_eq!(o.reason, "cache_stale");
+        let warnings = resp.warnings.unwrap_or_default();
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("watch of pods has been failing for 61s")),
+            "{warnings:?}"
+        );
+
+        // The watch delivers again: the quota holds again.
+        cache.mark_synced(Resource::Pods, at);
+        let (resp, o) = admitter.validate(&review("e"), at);
+        assert!(!resp.allowed && o.reason == "max_pods", "{o:?}");
     }
 }

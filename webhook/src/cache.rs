@@ -16,7 +16,10 @@ use std::{
 use dashmap::DashMap;
 use k8s_openapi::api::core::v1::{Node, Pod};
 
-use crate::policy::{Policy, Problem};
+use crate::{
+    policy::{Policy, Problem},
+    staleness::{Stale, WatchHealth},
+};
 
 /// What admission needs to know about the cluster, answered from memory.
 pub trait ClusterView: Send + Sync {
@@ -30,6 +33,10 @@ pub trait ClusterView: Send + Sync {
     fn cluster_drain_rate(&self, now: Instant) -> f64;
     /// Healthy, schedulable nodes; `None` while nodes are not watched (offline mode).
     fn schedulable_nodes(&self) -> Option<u32>;
+    /// The watch that has been failing longest, if for longer than `limit`.
+    fn stale(&self, _limit: Duration, _now: Instant) -> Option<Stale> {
+        None
+    }
 }
 
 /// Counters of one namespace as the watch shows it.
@@ -204,6 +211,7 @@ pub struct Cache {
     nodes_watched: AtomicBool,
     synced: [AtomicBool; 3],
     last_event: [Mutex<Option<Instant>>; 3],
+    health: [Mutex<WatchHealth>; 3],
 }
 
 /// The three watched resources.
@@ -241,6 +249,7 @@ impl Cache {
             nodes_watched: AtomicBool::new(false),
             synced: Default::default(),
             last_event: Default::default(),
+            health: Default::default(),
         }
     }
 
@@ -256,6 +265,23 @@ impl Cache {
         *self.last_event[resource as usize]
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(now);
+        self.health(resource).delivered();
+    }
+
+    fn health(&self, resource: Resource) -> std::sync::MutexGuard<'_, WatchHealth> {
+        self.health[resource as usize]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The watch of `resource` (or a retry of it) failed.
+    pub fn watch_failed(&self, resource: Resource, now: Instant) {
+        self.health(resource).failed(now);
+    }
+
+    /// How long the watch of `resource` has been failing; `None` while it works.
+    pub fn broken_for(&self, resource: Resource, now: Instant) -> Option<Duration> {
+        self.health(resource).broken_for(now)
     }
 
     /// Marks a resource's initial list as complete (or, for a relist, complete again).
@@ -534,6 +560,15 @@ impl ClusterView for Cache {
         self.nodes_watched
             .load(Ordering::Acquire)
             .then(|| self.schedulable.load(Ordering::Relaxed))
+    }
+
+    fn stale(&self, limit: Duration, now: Instant) -> Option<Stale> {
+        Stale::pick(
+            Resource::ALL
+                .into_iter()
+                .filter_map(|r| self.broken_for(r, now).map(|d| (r.name(), d))),
+            limit,
+        )
     }
 }
 

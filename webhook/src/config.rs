@@ -45,6 +45,8 @@ pub struct Config {
     pub reservation_ttl: Duration,
     /// Upper bound of `retryAfterSeconds`, before jitter.
     pub max_retry_after: Duration,
+    /// How long a watch may fail before pod-count quotas stop being enforced (fail open).
+    pub cache_stale_limit: Duration,
     /// `bulwark node-controller`'s settings.
     pub node_controller: crate::nodes::Settings,
 }
@@ -65,6 +67,7 @@ impl Default for Config {
             workflow_reserved_percent: 20,
             reservation_ttl: Duration::from_secs(30),
             max_retry_after: Duration::from_secs(30),
+            cache_stale_limit: Duration::from_secs(120),
             node_controller: crate::nodes::Settings::default(),
         }
     }
@@ -104,6 +107,7 @@ struct RawConfig {
     workflow_reserved_share: Option<Scalar>,
     reservation_ttl_seconds: Option<Scalar>,
     max_retry_after_seconds: Option<Scalar>,
+    cache_stale_limit_seconds: Option<Scalar>,
     #[serde(default)]
     node_controller: RawNodeController,
 }
@@ -229,6 +233,9 @@ impl Config {
         }
         if let Some(v) = &raw.max_retry_after_seconds {
             config.max_retry_after = seconds("maxRetryAfterSeconds", v, 1)?;
+        }
+        if let Some(v) = &raw.cache_stale_limit_seconds {
+            config.cache_stale_limit = seconds("cacheStaleLimitSeconds", v, 5)?;
         }
         parse_node_controller(&raw.node_controller, &mut config.node_controller, &bad)?;
         Ok(config)
@@ -399,6 +406,7 @@ workflowLabels: [app.example.com/run]
 workflowReservedShare: 25%
 reservationTtlSeconds: 10
 maxRetryAfterSeconds: 60
+cacheStaleLimitSeconds: 30
 "#,
             "test.yaml",
         )
@@ -415,6 +423,7 @@ maxRetryAfterSeconds: 60
         assert_eq!(c.workflow_reserved_percent, 25);
         assert_eq!(c.reservation_ttl, Duration::from_secs(10));
         assert_eq!(c.max_retry_after, Duration::from_secs(60));
+        assert_eq!(c.cache_stale_limit, Duration::from_secs(30));
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub enum Commit {
 pub struct Limits {
     pub cluster: ClusterLimits,
     pub workflow_reserved_percent: u8,
+    /// False while the caches are too stale to count on: only the rate is enforced.
+    pub count_quotas: bool,
 }
 
 pub struct Ledger {
@@ -174,22 +176,26 @@ impl Ledger {
             cluster_cap,
         };
 
-        let checked = quota::check_counts(policy, &snap, ask, limits.workflow_reserved_percent)
-            .and_then(|()| match policy.rate {
-                None => Ok(None),
-                // The refusal names the namespace's whole limit: that is what the user set.
-                Some(r) => {
-                    let n = self.replicas();
-                    let burst = crate::policy::shared_burst(policy.burst, n);
-                    rate::check(ns.tat, self.nanos(now), r.shared(n), burst)
-                }
-                .map(Some)
-                .map_err(|wait| Refusal::Rate {
-                    rate: r,
-                    burst: policy.burst,
-                    wait,
-                }),
-            });
+        let counted = if limits.count_quotas {
+            quota::check_counts(policy, &snap, ask, limits.workflow_reserved_percent)
+        } else {
+            Ok(())
+        };
+        let checked = counted.and_then(|()| match policy.rate {
+            None => Ok(None),
+            // The refusal names the namespace's whole limit: that is what the user set.
+            Some(r) => {
+                let n = self.replicas();
+                let burst = crate::policy::shared_burst(policy.burst, n);
+                rate::check(ns.tat, self.nanos(now), r.shared(n), burst)
+            }
+            .map(Some)
+            .map_err(|wait| Refusal::Rate {
+                rate: r,
+                burst: policy.burst,
+                wait,
+            }),
+        });
 
         let new_tat = match (checked, commit) {
             (Ok(_), Commit::DryRun) => return Ok(()),
@@ -207,7 +213,7 @@ impl Ledger {
         if !ask.pending_exempt {
             let mut current = self.reserved_pending.load(Ordering::Acquire);
             loop {
-                if let Some(cap) = cluster_cap {
+                if let Some(cap) = cluster_cap.filter(|_| limits.count_quotas) {
                     let pending = view.cluster_pending() + current;
                     if pending >= cap.limit {
                         let refusal = quota::cluster_refusal(pending, cap, cluster_drain_rate);
@@ -334,6 +340,7 @@ mod tests {
                         pending_per_healthy_node: None,
                     },
                     workflow_reserved_percent: 20,
+                    count_quotas: true,
                 },
             }
         }
@@ -402,6 +409,26 @@ mod tests {
             pending_exempt: false,
             workflow: workflow.map(Arc::from),
         }
+    }
+
+    #[test]
+    fn without_count_quotas_only_the_rate_refuses() {
+        let mut f = Fixture::new(Some(1));
+        f.limits.count_quotas = false;
+        let p = Policy {
+            max_pods: Some(1),
+            max_pending_pods: Some(1),
+            ..rated("3/m", 3)
+        };
+        for _ in 0..3 {
+            assert_eq!(f.admit(&p, Commit::Enforce), Ok(()));
+        }
+        assert_eq!(f.admit(&p, Commit::Enforce).unwrap_err().reason(), "rate");
+        // Admissions while counts were off still count once they are back on.
+        f.limits.count_quotas = true;
+        let later = f.t + Duration::from_secs(1);
+        let refused = f.admit_as(None, &p, Ask::default(), Commit::Enforce, later);
+        assert_eq!(refused.unwrap_err().reason(), "max_pods");
     }
 
     #[test]

@@ -19,5 +19,6 @@ pub mod quantity;
 pub mod quota;
 pub mod rate;
 pub mod server;
+pub mod staleness;
 pub mod tls;
 pub mod watch;

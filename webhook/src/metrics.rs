@@ -28,6 +28,7 @@ pub struct Metrics {
     replicas: IntGauge,
     schedulable_nodes: IntGauge,
     cache_age: prometheus::GaugeVec,
+    cache_broken: prometheus::GaugeVec,
     up_since: Gauge,
 }
 
@@ -165,6 +166,18 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            cache_broken: register(
+                r,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "cache_watch_failing_seconds",
+                        "Seconds the watch of a resource has been failing (0 while it works); \
+                         past cacheStaleLimitSeconds pod-count quotas fail open",
+                    ),
+                    &["resource"],
+                )
+                .expect("valid metric"),
+            ),
             up_since: register(
                 r,
                 Gauge::new("start_time_seconds", "Process start, seconds since the epoch")
@@ -207,6 +220,11 @@ impl Metrics {
                     .with_label_values(&[resource.name()])
                     .set(age.as_secs_f64());
             }
+            self.cache_broken.with_label_values(&[resource.name()]).set(
+                cache
+                    .broken_for(resource, now)
+                    .map_or(0.0, |d| d.as_secs_f64()),
+            );
         }
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {

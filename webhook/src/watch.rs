@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     backoff::Jittered,
-    cache::{Cache, PodEntry},
+    cache::{Cache, PodEntry, Resource as CacheResource},
     ledger::Ledger,
     metrics::Metrics,
     policy::Problem,
@@ -52,8 +52,9 @@ where
     watcher::watcher(api, config).backoff(Jittered::for_watches())
 }
 
-fn log_error(resource: &str, e: &watcher::Error) {
-    tracing::warn!(resource, error = %e, "watch failed; retrying with back-off, decisions use the last snapshot");
+fn watch_failed(cache: &Cache, resource: CacheResource, e: &watcher::Error, now: Instant) {
+    cache.watch_failed(resource, now);
+    tracing::warn!(resource = resource.name(), error = %e, "watch failed; retrying with back-off, decisions use the last snapshot");
 }
 
 async fn watch_pods(api: Api<Pod>, cache: Arc<Cache>, ledger: Arc<Ledger>) {
@@ -96,7 +97,7 @@ async fn watch_pods(api: Api<Pod>, cache: Arc<Cache>, ledger: Arc<Ledger>) {
                 }
                 tracing::info!(pods = count, "pod cache synced");
             }
-            Err(e) => log_error("pods", &e),
+            Err(e) => watch_failed(&cache, CacheResource::Pods, &e, now),
         }
     }
 }
@@ -142,7 +143,7 @@ async fn watch_namespaces(
                 cache.retain_namespaces(&seen, now);
                 tracing::info!(namespaces = seen.len(), "namespace cache synced");
             }
-            Err(e) => log_error("namespaces", &e),
+            Err(e) => watch_failed(&cache, CacheResource::Namespaces, &e, now),
         }
     }
 }
@@ -164,7 +165,7 @@ async fn watch_nodes(api: Api<Node>, cache: Arc<Cache>) {
                 cache.retain_nodes(&seen, now);
                 tracing::info!(nodes = seen.len(), "node cache synced");
             }
-            Err(e) => log_error("nodes", &e),
+            Err(e) => watch_failed(&cache, CacheResource::Nodes, &e, now),
         }
     }
 }
