@@ -45,9 +45,19 @@ fuzz_target!(|input: Input| {
         assert!(policy.burst >= 1, "{policy:?}");
     }
     if let Ok(cpu) = Cpu::parse(&input.quantity) {
-        assert_eq!(Cpu::parse(&cpu.to_string()), Ok(cpu), "{:?}", input.quantity);
+        assert_eq!(
+            Cpu::parse(&cpu.to_string()),
+            Ok(cpu),
+            "{:?}",
+            input.quantity
+        );
     }
     if let Ok(memory) = Memory::parse(&input.quantity) {
-        assert_eq!(Memory::parse(&memory.to_string()), Ok(memory), "{:?}", input.quantity);
+        assert_eq!(
+            Memory::parse(&memory.to_string()),
+            Ok(memory),
+            "{:?}",
+            input.quantity
+        );
     }
 });

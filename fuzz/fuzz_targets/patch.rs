@@ -16,7 +16,9 @@ use k8s_openapi::{
 };
 use libfuzzer_sys::fuzz_target;
 
-const QUANTITIES: [&str; 10] = ["0", "1", "100m", "250m", "2", "64Mi", "1Gi", "1.5", "1e3", "bad"];
+const QUANTITIES: [&str; 10] = [
+    "0", "1", "100m", "250m", "2", "64Mi", "1Gi", "1.5", "1e3", "bad",
+];
 
 #[derive(Debug, Arbitrary)]
 enum Q {
@@ -52,7 +54,12 @@ fn map(items: &Option<Vec<(bool, Q)>>) -> Option<BTreeMap<String, Quantity>> {
     items.as_ref().map(|items| {
         items
             .iter()
-            .map(|(cpu, q)| ((if *cpu { "cpu" } else { "memory" }).to_owned(), Quantity(q.text())))
+            .map(|(cpu, q)| {
+                (
+                    (if *cpu { "cpu" } else { "memory" }).to_owned(),
+                    Quantity(q.text()),
+                )
+            })
             .collect()
     })
 }
@@ -101,28 +108,54 @@ fuzz_target!(|input: Input| {
     let patched: Pod = serde_json::from_value(doc).expect("the patched pod parses");
 
     let spec = patched.spec.as_ref().expect("spec kept");
-    let all = spec.init_containers.iter().flatten().map(|c| (format!("init:{}", c.name), c));
+    let all = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| (format!("init:{}", c.name), c));
     let all = all.chain(spec.containers.iter().map(|c| (c.name.clone(), c)));
     for (name, c) in all {
         let r = c.resources.as_ref();
-        let (req, lim) = (r.and_then(|r| r.requests.as_ref()), r.and_then(|r| r.limits.as_ref()));
+        let (req, lim) = (
+            r.and_then(|r| r.requests.as_ref()),
+            r.and_then(|r| r.limits.as_ref()),
+        );
         if !touched.contains(&name) {
             continue;
         }
-        if let (Some(Ok(q)), Some(Ok(l))) = (get(req, "cpu").map(Cpu::parse), get(lim, "cpu").map(Cpu::parse)) {
-            assert!(l >= q || before_had_both(&pod, &name, "cpu"), "{name}: cpu limit {l} < request {q}");
+        if let (Some(Ok(q)), Some(Ok(l))) = (
+            get(req, "cpu").map(Cpu::parse),
+            get(lim, "cpu").map(Cpu::parse),
+        ) {
+            assert!(
+                l >= q || before_had_both(&pod, &name, "cpu"),
+                "{name}: cpu limit {l} < request {q}"
+            );
         }
-        if let (Some(Ok(q)), Some(Ok(l))) = (get(req, "memory").map(Memory::parse), get(lim, "memory").map(Memory::parse)) {
-            assert!(l >= q || before_had_both(&pod, &name, "memory"), "{name}: memory limit {l} < request {q}");
+        if let (Some(Ok(q)), Some(Ok(l))) = (
+            get(req, "memory").map(Memory::parse),
+            get(lim, "memory").map(Memory::parse),
+        ) {
+            assert!(
+                l >= q || before_had_both(&pod, &name, "memory"),
+                "{name}: memory limit {l} < request {q}"
+            );
         }
     }
-    assert!(mutate(&patched, &requests, &limits).is_empty(), "defaulting twice changed something");
+    assert!(
+        mutate(&patched, &requests, &limits).is_empty(),
+        "defaulting twice changed something"
+    );
 });
 
 /// The user set both (possibly request > limit, which the API server rejects): not bulwark's.
 fn before_had_both(pod: &Pod, name: &str, key: &str) -> bool {
     let spec = pod.spec.as_ref().expect("spec");
-    let all = spec.init_containers.iter().flatten().map(|c| (format!("init:{}", c.name), c));
+    let all = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| (format!("init:{}", c.name), c));
     let mut all = all.chain(spec.containers.iter().map(|c| (c.name.clone(), c)));
     all.any(|(n, c)| {
         let r = c.resources.as_ref();

@@ -21,7 +21,10 @@ fn admitter() -> &'static Admitter {
     static ADMITTER: OnceLock<Admitter> = OnceLock::new();
     ADMITTER.get_or_init(|| {
         let config = Arc::new(Config::default());
-        let cache = Arc::new(Cache::new(config.defaults.clone(), config.workflow_labels.clone()));
+        let cache = Arc::new(Cache::new(
+            config.defaults.clone(),
+            config.workflow_labels.clone(),
+        ));
         let ledger = Arc::new(Ledger::new(config.reservation_ttl, Instant::now()));
         Admitter::new(config, cache, ledger, Arc::new(Metrics::new()))
     })
@@ -41,6 +44,11 @@ fuzz_target!(|body: &[u8]| {
         assert_eq!(v["response"]["uid"].as_str(), Some(uid.as_str()));
         // The patch repeats at most each container's name and a few quantities: the answer
         // stays within a small multiple of the request.
-        assert!(out.len() <= 32 * body.len() + 64 * 1024, "{} for {}", out.len(), body.len());
+        assert!(
+            out.len() <= 32 * body.len() + 64 * 1024,
+            "{} for {}",
+            out.len(),
+            body.len()
+        );
     }
 });
