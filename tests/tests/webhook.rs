@@ -671,6 +671,32 @@ async fn hostile_bodies_get_bounded_answers() {
         pod(&"n".repeat(100_000), "ci"),
         false,
     ));
+    let truncated = {
+        let b = bytes(&good);
+        b[..b.len() / 2].to_vec()
+    };
+    let near_limit = {
+        let mut p = pod("p", "ci");
+        p["metadata"]["annotations"] = json!({"big": "x".repeat(2_900_000)});
+        bytes(&pod_review("u-hostile", "ci", p, false))
+    };
+    let over_limit = {
+        let mut p = pod("p", "ci");
+        p["metadata"]["annotations"] = json!({"big": "x".repeat(3_200_000)});
+        bytes(&pod_review("u-hostile", "ci", p, false))
+    };
+    let mut old_api = good.clone();
+    old_api["apiVersion"] = json!("admission.k8s.io/v1beta1");
+    let mut configmap_as_pod = good.clone();
+    configmap_as_pod["request"]["object"] =
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}});
+    let duplicate_uid = String::from_utf8(bytes(&good))
+        .expect("utf8")
+        .replacen("\"uid\":", "\"uid\":\"dup\",\"uid\":", 1)
+        .into_bytes();
+    let mut connect = good.clone();
+    connect["request"]["operation"] = json!("CONNECT");
+    let nul_name = bytes(&pod_review("u-hostile", "ci", pod("a\u{0}b", "ci"), false));
 
     // (name, endpoint, body, status, text the answer must contain)
     let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
@@ -857,6 +883,56 @@ async fn hostile_bodies_get_bounded_answers() {
             "100 kB pod name",
             "validate",
             long_name,
+            200,
+            "\"allowed\":true",
+        ),
+        ("truncated review", "validate", truncated, 400, "not valid JSON"),
+        (
+            "a 2.9 MB pod, under the body limit",
+            "mutate",
+            near_limit,
+            200,
+            "\"allowed\":true",
+        ),
+        (
+            "a 3.2 MB body, over the limit",
+            "validate",
+            over_limit,
+            400,
+            "3145728",
+        ),
+        (
+            "admission.k8s.io/v1beta1",
+            "validate",
+            bytes(&old_api),
+            400,
+            "expected apiVersion",
+        ),
+        (
+            "a ConfigMap as the pod",
+            "mutate",
+            bytes(&configmap_as_pod),
+            400,
+            "pod object",
+        ),
+        (
+            "duplicate uid key",
+            "validate",
+            duplicate_uid,
+            400,
+            "duplicate field",
+        ),
+        (
+            "CONNECT on a pod passes",
+            "validate",
+            bytes(&connect),
+            200,
+            "\"allowed\":true",
+        ),
+        (
+            "NUL in a pod name",
+            "validate",
+            nul_name,
             200,
             "\"allowed\":true",
         ),
