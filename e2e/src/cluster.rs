@@ -702,12 +702,24 @@ impl Cluster {
     /// Another `bulwark webhook` replica next to the cluster's own, as `name`, serving HTTPS
     /// on `port`; stopped by `down`. It is not registered: the tests call it directly.
     pub fn spawn_webhook_replica(&mut self, name: &str, port: u16) -> anyhow::Result<()> {
+        self.spawn_webhook_replica_with(name, port, &[])
+    }
+
+    /// [`Cluster::spawn_webhook_replica`] with `extra` flags replacing the cluster's own
+    /// (e.g. its --kubeconfig, --config or --metrics-listen).
+    pub fn spawn_webhook_replica_with(
+        &mut self,
+        name: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
         let listen = format!("--listen=127.0.0.1:{port}");
-        self.spawn_another(
-            Component::Webhook,
-            name,
-            &[&listen, "--metrics-listen=127.0.0.1:0"],
-        )
+        let mut flags = vec![listen.as_str()];
+        if !extra.iter().any(|f| f.starts_with("--metrics-listen=")) {
+            flags.push("--metrics-listen=127.0.0.1:0");
+        }
+        flags.extend_from_slice(extra);
+        self.spawn_another(Component::Webhook, name, &flags)
     }
 
     /// Runs `component` once more as `name`; each of `flags` replaces the component's flag of

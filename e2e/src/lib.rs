@@ -6,6 +6,7 @@ pub mod objects;
 pub mod pki;
 pub mod poll;
 pub mod process;
+pub mod proxy;
 
 pub use cluster::{Cluster, Options, State};
 

@@ -886,7 +886,13 @@ async fn hostile_bodies_get_bounded_answers() {
             200,
             "\"allowed\":true",
         ),
-        ("truncated review", "validate", truncated, 400, "not valid JSON"),
+        (
+            "truncated review",
+            "validate",
+            truncated,
+            400,
+            "not valid JSON",
+        ),
         (
             "a 2.9 MB pod, under the body limit",
             "mutate",

@@ -5,10 +5,7 @@ use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::TcpStream,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -25,7 +22,7 @@ use k8s_openapi::api::{
 use kube::Api;
 use serde_json::{Value, json};
 
-use crate::support::{Ctx, eventually, pod};
+use crate::support::{Ctx, SteadyLoad, eventually, pod};
 
 /// One way to install bulwark, rendered to YAML.
 struct Rendering {
@@ -792,38 +789,12 @@ async fn rotate_under_load(
             ],
         )
         .await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
-    let pods = ctx.pods(&ns);
-    let load = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        tokio::spawn(async move {
-            let mut i = 0;
-            let mut errors = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                i += 1;
-                match pods
-                    .create(&Default::default(), &pod(&format!("steady-{i}"), json!({})))
-                    .await
-                {
-                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        errors.push(e.to_string());
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            errors
-        })
-    };
+    let load = SteadyLoad::start(ctx.pods(&ns), "steady", Duration::from_millis(50));
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let result = rotations(ctx, first, &[primary, replica]).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    let errors = load.await?;
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed, errors) = load.finish().await?;
     let (serving, ca) = result?;
     ensure!(
         failed == 0,

@@ -7,6 +7,7 @@
 //! tests by substring, like libtest; `--list` lists them.
 
 mod deploy;
+mod faults;
 mod nodes;
 mod support;
 
@@ -29,6 +30,10 @@ use deploy::{
     deploy_manifests_are_accepted_by_the_api_server, kustomize_and_helm_render_the_same_objects,
     only_the_api_server_may_send_reviews, rbac_is_least_privilege,
     replicas_share_the_namespace_rate, self_managed_certificates_rotate_without_failed_admissions,
+};
+use faults::{
+    a_failing_watch_opens_count_quotas_after_the_limit,
+    webhook_restart_under_load_loses_no_admission,
 };
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::{
@@ -76,6 +81,8 @@ fn tests() -> Vec<(&'static str, TestFn)> {
         certs_cli_sets_the_ca_bundle,
         only_the_api_server_may_send_reviews,
         replicas_share_the_namespace_rate,
+        webhook_restart_under_load_loses_no_admission,
+        a_failing_watch_opens_count_quotas_after_the_limit,
         rbac_is_least_privilege,
         deploy_manifests_are_accepted_by_the_api_server,
         kustomize_and_helm_render_the_same_objects,

@@ -3,7 +3,10 @@
 use std::{
     collections::BTreeMap,
     process::Stdio,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -300,7 +303,7 @@ where
 }
 
 /// The sum of a metric's samples whose labels match, from a plain-HTTP /metrics.
-fn metric_at(port: u16, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+pub fn metric_at(port: u16, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
     let text = bulwark_e2e::cluster::plain_get(port, "/metrics")?;
     let mut sum = 0.0;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
@@ -319,4 +322,68 @@ fn metric_at(port: u16, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f
         }
     }
     Ok(sum)
+}
+
+/// Pod creations one after another at a steady pace, counting those that fail for any
+/// reason (a refusal included), until [`SteadyLoad::finish`].
+pub struct SteadyLoad {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU32>,
+    failed: Arc<AtomicU32>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl SteadyLoad {
+    /// Creates pods `prefix-1`, `prefix-2`, ... through `pods`, one every `pause`.
+    pub fn start(pods: Api<Pod>, prefix: &str, pause: Duration) -> SteadyLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let task = {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let prefix = prefix.to_owned();
+            tokio::spawn(async move {
+                let mut errors = Vec::new();
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let p = pod(&format!("{prefix}-{i}"), json!({}));
+                    match pods.create(&PostParams::default(), &p).await {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            errors.push(e.to_string());
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    tokio::time::sleep(pause).await;
+                }
+                errors
+            })
+        };
+        SteadyLoad {
+            stop,
+            ok,
+            failed,
+            task,
+        }
+    }
+
+    /// (created, failed) so far.
+    pub fn counts(&self) -> (u32, u32) {
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Stops the load: (created, failed, the errors).
+    pub async fn finish(self) -> anyhow::Result<(u32, u32, Vec<String>)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let (ok, failed) = (self.ok.clone(), self.failed.clone());
+        let errors = self.task.await?;
+        Ok((
+            ok.load(Ordering::Relaxed),
+            failed.load(Ordering::Relaxed),
+            errors,
+        ))
+    }
 }
