@@ -178,7 +178,15 @@ def main():
                 return int(float(line.rsplit(" ", 1)[1]))
         return None
 
-    count, nss = stored("pods"), stored("namespaces")
+    def listed(path):
+        # remainingItemCount is exact; the storage metric is refreshed only now and then.
+        meta = api.json("GET", f"{path}?limit=1")["metadata"]
+        if "remainingItemCount" in meta:
+            return meta["remainingItemCount"] + 1
+        return None
+
+    count = listed("/api/v1/pods") or stored("pods")
+    nss = listed("/api/v1/namespaces") or stored("namespaces")
     time.sleep(5)
     existing = cluster.pid("bulwark-webhook")
     summary = {
