@@ -22,6 +22,10 @@ NS = "burst"
 PROBE_NS = "probe"
 PROBE_PODS = 20
 COMPONENTS = ["kube-apiserver", "etcd", "kube-scheduler"]
+# Also sampled (CPU and RSS), not part of the RSS target.
+OTHERS = ["kube-controller-manager", "kwok", "bulwark-webhook", "bulwark-node-controller"]
+SHORT = {"kube-controller-manager": "kcm", "bulwark-webhook": "webhook",
+         "bulwark-node-controller": "nodectl"}
 
 
 def scheduler_metrics(url):
@@ -229,7 +233,7 @@ def main():
         kube.wait_bulwark(api, NS, True)
     for i in range(PROBE_PODS):
         api.json("POST", f"/api/v1/namespaces/{PROBE_NS}/pods", probe_pod(i), ok=(201, 409))
-    pids = {c: cluster.pid(c) for c in COMPONENTS}
+    pids = {c: cluster.pid(c) for c in COMPONENTS + OTHERS}
     base_cpu = {c: kube.proc_sample(p)[1] for c, p in pids.items()}
     _, base_attempts = scheduler_metrics(sched_url)
     time.sleep(2)
@@ -263,6 +267,12 @@ def main():
         except OSError:
             unscheduled, attempts = float("nan"), {}
         pods = watch.counts()
+        nodes = api.json("GET", "/api/v1/nodes")["items"]
+        tainted = sum(
+            1
+            for n in nodes
+            if any(x.get("key") == "bulwark.io/unhealthy" for x in n["spec"].get("taints") or [])
+        )
         row = {
             "t": round(t, 2),
             "created": pods["created"],
@@ -272,6 +282,7 @@ def main():
             "succeeded": succeeded,
             "job_active": active,
             "job_ready": ready,
+            "tainted_nodes": tainted,
             "unscheduled": unscheduled,
             "failed": failed,
             "attempts_scheduled": attempts.get("scheduled", 0) - base_attempts.get("scheduled", 0),
@@ -281,7 +292,7 @@ def main():
         }
         for c, p in pids.items():
             rss, cpu = kube.proc_sample(p)
-            key = c.replace("kube-", "")
+            key = SHORT.get(c, c.replace("kube-", ""))
             row[f"{key}_rss_mib"] = round(rss / 2**20, 1) if rss else ""
             row[f"{key}_cpu_s"] = round(cpu - base_cpu[c], 2) if cpu is not None else ""
         rows.append(row)
@@ -348,7 +359,8 @@ def main():
         "peak_unscheduled": peak("unscheduled"),
         "peak_rss_mib": {c: peak(f"{c.replace('kube-', '')}_rss_mib") for c in COMPONENTS},
         "peak_rss_sum_mib": round(max(total_rss), 1),
-        "cpu_s": {c: rows[-1][f"{c.replace('kube-', '')}_cpu_s"] for c in COMPONENTS},
+        "cpu_s": {c: rows[-1][f"{SHORT.get(c, c.replace('kube-', ''))}_cpu_s"] for c in COMPONENTS + OTHERS},
+        "peak_tainted_nodes": peak("tainted_nodes"),
         "attempts": {
             k: rows[-1][f"attempts_{k}"] for k in ("scheduled", "unschedulable", "error")
         },

@@ -42,7 +42,8 @@ results=$root/bench/results
 mkdir -p "$results"
 
 cleanup() { "$e2e" --dir "$dir" down >/dev/null 2>&1 || true; }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 for mode in $modes; do
   echo "== $mode bulwark: $pods pods in $jobs Jobs on $nodes nodes x $per_node slots"
@@ -57,7 +58,9 @@ for mode in $modes; do
     2>&1 || rc=$?
   tail -n 40 "$results/burst-$mode.log"
   [ "$rc" -eq 0 ] || echo "!! $mode run ended with status $rc (2: not every pod completed in time)"
-  cp "$dir/logs/bulwark-webhook.log" "$results/burst-$mode-webhook.log" 2>/dev/null || true
+  for log in bulwark-webhook bulwark-node-controller kwok kube-controller-manager; do
+    cp "$dir/logs/$log.log" "$results/burst-$mode-$log.log" 2>/dev/null || true
+  done
   "$e2e" --dir "$dir" down >/dev/null 2>&1 || true
 done
 

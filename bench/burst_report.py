@@ -73,8 +73,12 @@ def table(without, with_):
         with_["peak_unscheduled"], digits=0)
     for k in ("scheduled", "unschedulable", "error"):
         row(f"scheduler attempts: {k}", without["attempts"][k], with_["attempts"][k], digits=0)
-    for c in COMPONENTS:
-        row(f"CPU seconds {c}", without["cpu_s"][c], with_["cpu_s"][c])
+    for c in without["cpu_s"]:
+        if c in with_["cpu_s"]:
+            row(f"CPU seconds {c}", without["cpu_s"][c], with_["cpu_s"][c])
+    if "peak_tainted_nodes" in without:
+        row("peak nodes tainted bulwark.io/unhealthy", without["peak_tainted_nodes"],
+            with_["peak_tainted_nodes"], digits=0)
     row("pod creations answered 429", without["apiserver_pod_429s"],
         with_["apiserver_pod_429s"], digits=0)
     row("pods completed", without["completed"], with_["completed"], digits=0)

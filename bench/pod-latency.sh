@@ -24,7 +24,8 @@ export BULWARK_BIN=$target/release/bulwark
 e2e=$target/release/bulwark-e2e
 mkdir -p "$root/bench/results"
 cleanup() { "$e2e" --dir "$dir" down >/dev/null 2>&1 || true; }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 "$e2e" --dir "$dir" up --nodes 4 2>&1 | tail -n 2
 sleep 5
