@@ -98,6 +98,29 @@ pub struct Options {
     pub nodes: u32,
     /// The `bulwark` binary to run; default: [`bulwark_binary`].
     pub bulwark: Option<PathBuf>,
+    /// Pod slots of each kwok node (`status.capacity.pods`).
+    pub pods_per_node: u32,
+    /// kube-controller-manager's `--kube-api-qps` (burst twice that); default: its own (20).
+    pub controller_qps: Option<u32>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            dir: crate::default_dir(),
+            nodes: 4,
+            bulwark: None,
+            pods_per_node: DEFAULT_PODS_PER_NODE,
+            controller_qps: None,
+        }
+    }
+}
+
+/// Pod slots of a kwok node unless `up --pods-per-node` says otherwise (kubelet's default).
+pub const DEFAULT_PODS_PER_NODE: u32 = 110;
+
+fn default_pods_per_node() -> u32 {
+    DEFAULT_PODS_PER_NODE
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -109,6 +132,9 @@ pub struct Ports {
     pub webhook_metrics: u16,
     pub kwok: u16,
     pub node_controller_metrics: u16,
+    /// kube-scheduler's HTTPS port; `/metrics` there needs no credentials.
+    #[serde(default)]
+    pub scheduler: u16,
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
@@ -120,7 +146,7 @@ pub fn free_port() -> anyhow::Result<u16> {
 impl Ports {
     /// Free ports, asked of the kernel all at once so that none repeats.
     fn pick() -> anyhow::Result<Ports> {
-        let listeners = (0..7)
+        let listeners = (0..8)
             .map(|_| TcpListener::bind("127.0.0.1:0"))
             .collect::<Result<Vec<_>, _>>()
             .context("finding free ports on 127.0.0.1")?;
@@ -133,6 +159,7 @@ impl Ports {
             webhook_metrics: port(4)?,
             kwok: port(5)?,
             node_controller_metrics: port(6)?,
+            scheduler: port(7)?,
         })
     }
 }
@@ -145,6 +172,10 @@ pub struct State {
     pub bulwark: PathBuf,
     pub ports: Ports,
     pub nodes: u32,
+    #[serde(default = "default_pods_per_node")]
+    pub pods_per_node: u32,
+    #[serde(default)]
+    pub controller_qps: Option<u32>,
 }
 
 impl State {
@@ -158,6 +189,11 @@ impl State {
 
     pub fn metrics_url(&self) -> String {
         format!("http://127.0.0.1:{}/metrics", self.ports.webhook_metrics)
+    }
+
+    /// kube-scheduler's metrics (HTTPS with a self-signed certificate, no credentials).
+    pub fn scheduler_metrics_url(&self) -> String {
+        format!("https://127.0.0.1:{}/metrics", self.ports.scheduler)
     }
 
     pub fn kubeconfig(&self) -> PathBuf {
@@ -197,10 +233,12 @@ impl State {
     /// Shell lines that point kubectl at this cluster.
     pub fn env(&self) -> String {
         format!(
-            "export KUBECONFIG={}\nexport PATH={}:$PATH\nexport BULWARK_METRICS_URL={}\n",
+            "export KUBECONFIG={}\nexport PATH={}:$PATH\nexport BULWARK_METRICS_URL={}\n\
+             export SCHEDULER_METRICS_URL={}\n",
             self.kubeconfig().display(),
             self.bin_dir.display(),
-            self.metrics_url()
+            self.metrics_url(),
+            self.scheduler_metrics_url()
         )
     }
 
@@ -253,21 +291,33 @@ impl State {
                 // minute for them: a restart then takes seconds, as in a real rolling restart.
                 "--shutdown-watch-termination-grace-period=2s".into(),
             ],
-            Component::ControllerManager => vec![
-                format!("--kubeconfig={}", kubeconfig(Identity::ControllerManager)),
-                "--use-service-account-credentials=true".into(),
-                format!(
-                    "--service-account-private-key-file={}",
-                    d(&p.service_account_key)
-                ),
-                format!("--root-ca-file={}", d(&p.ca_cert)),
-                "--leader-elect=false".into(),
-                "--secure-port=0".into(),
-            ],
+            Component::ControllerManager => {
+                let mut args = vec![
+                    format!("--kubeconfig={}", kubeconfig(Identity::ControllerManager)),
+                    "--use-service-account-credentials=true".into(),
+                    format!(
+                        "--service-account-private-key-file={}",
+                        d(&p.service_account_key)
+                    ),
+                    format!("--root-ca-file={}", d(&p.ca_cert)),
+                    "--leader-elect=false".into(),
+                    "--secure-port=0".into(),
+                ];
+                if let Some(qps) = self.controller_qps {
+                    args.push(format!("--kube-api-qps={qps}"));
+                    args.push(format!("--kube-api-burst={}", qps.saturating_mul(2)));
+                }
+                args
+            }
             Component::Scheduler => vec![
                 format!("--kubeconfig={}", kubeconfig(Identity::Scheduler)),
                 "--leader-elect=false".into(),
-                "--secure-port=0".into(),
+                // Metrics (scheduling attempts, queue sizes) for benchmarks, on loopback
+                // with a self-signed certificate and no credentials needed for /metrics.
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={}", ports.scheduler),
+                format!("--cert-dir={}", d(&self.dir.join("pki/scheduler"))),
+                "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics".into(),
             ],
             Component::Kwok => vec![
                 format!("--kubeconfig={}", kubeconfig(Identity::Kwok)),
@@ -365,6 +415,8 @@ impl Cluster {
             bulwark,
             ports: Ports::pick()?,
             nodes: opts.nodes,
+            pods_per_node: opts.pods_per_node,
+            controller_qps: opts.controller_qps,
         };
         let state_json = serde_json::to_string_pretty(&state).context("encoding cluster state")?;
         std::fs::write(dir.join(STATE_FILE), state_json).context("writing cluster.json")?;
@@ -508,13 +560,14 @@ impl Cluster {
         }
         let pp = PatchParams::apply("bulwark-e2e").force();
         let nodes: Api<Node> = Api::all(client.clone());
+        let pods = self.state.pods_per_node;
         // Concurrently: a thousand nodes one after another would take a while.
         futures::stream::iter(0..self.state.nodes)
             .map(|i| {
                 let nodes = nodes.clone();
                 async move {
                     nodes
-                        .create(&PostParams::default(), &objects::kwok_node(i))
+                        .create(&PostParams::default(), &objects::kwok_node(i, pods))
                         .await
                         .with_context(|| format!("creating node kwok-node-{i}"))
                 }

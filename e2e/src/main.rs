@@ -26,6 +26,13 @@ enum Cmd {
         /// Number of kwok nodes.
         #[arg(long, default_value_t = 4)]
         nodes: u32,
+        /// Pod slots of each kwok node.
+        #[arg(long, default_value_t = bulwark_e2e::cluster::DEFAULT_PODS_PER_NODE)]
+        pods_per_node: u32,
+        /// kube-controller-manager's API request rate (--kube-api-qps; burst twice that);
+        /// default: its own, 20/s, which paces the Job controller's pod creations.
+        #[arg(long)]
+        controller_qps: Option<u32>,
     },
     /// Stop every process of the cluster.
     Down,
@@ -41,10 +48,16 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let dir = cli.dir.unwrap_or_else(default_dir);
     let result = match cli.command {
-        Cmd::Up { nodes } => Cluster::up(&Options {
+        Cmd::Up {
+            nodes,
+            pods_per_node,
+            controller_qps,
+        } => Cluster::up(&Options {
             dir,
             nodes,
             bulwark: None,
+            pods_per_node,
+            controller_qps,
         })
         .await
         .map(|c| {

@@ -40,8 +40,9 @@ fn map(items: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 /// A fake node managed by kwok, shaped like a 32-core cloud machine with kube and system
-/// reservations (allocatable below capacity). Nodes alternate between two zones.
-pub fn kwok_node(index: u32) -> Node {
+/// reservations (allocatable below capacity), with `pods` pod slots. Nodes alternate between
+/// two zones.
+pub fn kwok_node(index: u32, pods: u32) -> Node {
     let name = format!("kwok-node-{index}");
     let zone = if index.is_multiple_of(2) {
         "zone-a"
@@ -52,7 +53,7 @@ pub fn kwok_node(index: u32) -> Node {
         Some(BTreeMap::from([
             ("cpu".to_owned(), Quantity(cpu.to_owned())),
             ("memory".to_owned(), Quantity(memory.to_owned())),
-            ("pods".to_owned(), Quantity("110".to_owned())),
+            ("pods".to_owned(), Quantity(pods.to_string())),
             ("ephemeral-storage".to_owned(), Quantity("200Gi".to_owned())),
         ]))
     };

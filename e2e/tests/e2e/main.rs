@@ -214,6 +214,7 @@ async fn failed_up_stops_what_it_started(dir: &std::path::Path) -> Result<(), St
         dir: dir.to_path_buf(),
         nodes: 1,
         bulwark: Some("/bin/false".into()),
+        ..Options::default()
     })
     .await;
     let err = match result {
@@ -246,6 +247,7 @@ fn down_left_nothing(state: &bulwark_e2e::State) -> Result<(), String> {
         p.webhook,
         p.webhook_metrics,
         p.kwok,
+        p.scheduler,
     ] {
         std::net::TcpListener::bind(("127.0.0.1", port))
             .map_err(|e| format!("port {port} still taken: {e}"))?;
@@ -278,7 +280,7 @@ async fn run(filters: &[&str], selected: Vec<(&'static str, TestFn)>) -> anyhow:
     let cluster = Cluster::up(&Options {
         dir: dir.clone(),
         nodes: 5,
-        bulwark: None,
+        ..Options::default()
     })
     .await?;
     println!("cluster up in {:.1}s", t0.elapsed().as_secs_f64());

@@ -474,8 +474,11 @@ async fn delete_body(ctx: &Ctx) -> anyhow::Result<()> {
     .await;
     // A replacement comes up under the same name, for the tests that follow.
     if api.get_opt(node).await?.is_none() {
-        api.create(&Default::default(), &bulwark_e2e::objects::kwok_node(4))
-            .await?;
+        api.create(
+            &Default::default(),
+            &bulwark_e2e::objects::kwok_node(4, bulwark_e2e::cluster::DEFAULT_PODS_PER_NODE),
+        )
+        .await?;
     }
     eventually(
         Duration::from_secs(30),

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Webhook memory at scale: a cluster holding NAMESPACES namespaces and PODS pods (default
+# 10,000 and 100,000); a fresh `bulwark webhook` (release build) started against it: time to
+# ready (/readyz) and resident memory once its caches are synced. Output:
+# bench/results/scale.json (+ scale.log).
+#   bench/scale.sh [--namespaces 10000] [--pods 100000] [--workers 12] [--starts 2]
+#                  [--dir /tmp/burst-cluster]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+dir=/tmp/burst-cluster
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dir) dir=$2; shift 2 ;;
+    --namespaces|--pods|--workers|--starts) args+=("$1" "$2"); shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 64 ;;
+  esac
+done
+target=${CARGO_TARGET_DIR:-$root/target}
+if [ ! -x "$target/release/bulwark" ] || [ ! -x "$target/release/bulwark-e2e" ]; then
+  cargo build --release --locked -p bulwark -p bulwark-e2e
+fi
+export BULWARK_BIN=$target/release/bulwark
+e2e=$target/release/bulwark-e2e
+mkdir -p "$root/bench/results"
+cleanup() { "$e2e" --dir "$dir" down >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+"$e2e" --dir "$dir" up --nodes 4 2>&1 | tail -n 2
+# Loading is part of the measurement's load on the machine: hold the lock for all of it.
+flock /tmp/bulwark-bench.lock timeout --kill-after=30 2400 \
+  python3 "$root/bench/scale.py" --dir "$dir" "${args[@]}" --out "$root/bench/results/scale" \
+  2>&1 | tee "$root/bench/results/scale.log"
