@@ -18,7 +18,9 @@
 # Usage: bench/webhook-throughput.sh [--smoke] [--label NAME] [--duration SECONDS]
 #   --smoke     a few hundred requests per cell, to check the harness (CI)
 #   --label     names the result files (default: run)
-# BULWARK_BIN=path measures that bulwark binary instead of the one built here.
+#   --no-build  use the binaries already built
+# BULWARK_BIN=path measures that bulwark binary instead of the one built here;
+# BULWARK_BEFORE_BIN=path measures another one alongside (say, main's), reported as "before".
 # The measurement holds /tmp/bulwark-bench.lock (flock) so it never overlaps another
 # benchmark; builds happen before the lock is taken.
 # Writes bench/results/<label>.md (the tables) and bench/results/raw/<label>/ (h2load output).
@@ -31,11 +33,13 @@ smoke=0
 label=run
 duration=8
 warmup=2
+build=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) smoke=1 ;;
     --label) label=$2; shift ;;
     --duration) duration=$2; shift ;;
+    --no-build) build=0 ;;
     *) echo "usage: $0 [--smoke] [--label NAME] [--duration SECONDS]" >&2; exit 2 ;;
   esac
   shift
@@ -47,7 +51,9 @@ if ! command -v h2load >/dev/null 2>&1; then
 fi
 
 # Builds (no lock: compiling is not measured).
-(cd "$root" && cargo build --locked --release -q -p bulwark -p bulwark-bench-ceiling)
+if [ "$build" = 1 ]; then
+  (cd "$root" && cargo build --locked --release -q -p bulwark -p bulwark-bench-ceiling)
+fi
 # BULWARK_BIN: another bulwark binary to measure (say, one built from main for a before/after).
 bulwark=${BULWARK_BIN:-$root/target/release/bulwark}
 ceiling=$root/target/release/bulwark-bench-ceiling
@@ -142,6 +148,15 @@ RUST_LOG=warn "$bulwark" webhook --offline --config "$here/webhook-throughput.ya
   --metrics-listen "127.0.0.1:$bm" 2>"$work/bulwark.log" &
 pids+=($!)
 ap=$(free_port)
+before=${BULWARK_BEFORE_BIN:-}
+if [ -n "$before" ]; then
+  bbp=$(free_port); bbm=$(free_port)
+  RUST_LOG=warn "$before" webhook --offline --config "$here/webhook-throughput.yaml" \
+    --tls-cert "$cert" --tls-key "$key" --listen "127.0.0.1:$bbp" \
+    --metrics-listen "127.0.0.1:$bbm" 2>"$work/before.log" &
+  pids+=($!)
+  wait_port "$bbp"
+fi
 "$agnhost" webhook --port "$ap" --tls-cert-file "$cert" --tls-private-key-file "$key" \
   --sidecar-image registry.example.com/sidecar:1 2>"$work/agnhost.log" &
 pids+=($!)
@@ -151,7 +166,7 @@ post "https://localhost:$bp/mutate" >"$work/mutate.answer"
 post "https://localhost:$bp/validate" >"$work/validate.answer"
 post "https://localhost:$ap/mutating-pods-sidecar" >"$work/agnhost-mutate.answer"
 post "https://localhost:$ap/pods" >"$work/agnhost-validate.answer"
-grep -q '"patch":"' "$work/mutate.answer" || { echo "bulwark's /mutate did not patch" >&2; exit 1; }
+grep -q '"patch":' "$work/mutate.answer" || { echo "bulwark's /mutate did not patch" >&2; exit 1; }
 grep -q '"allowed":true' "$work/validate.answer" || { echo "bulwark's /validate did not allow" >&2; exit 1; }
 grep -q '"patch":"' "$work/agnhost-mutate.answer" || { echo "agnhost did not patch" >&2; exit 1; }
 
@@ -185,7 +200,7 @@ cell() {
 import re, sys
 base, name, proto, inflight = sys.argv[1:5]
 out = open(base + ".out").read()
-m = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", out)
+m = re.search(r"finished in ([\d.]+)(?:ms|s), ([\d.]+) req/s", out)
 rps = float(m.group(2)) if m else 0.0
 m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", out)
 done, ok, failed = (int(m.group(2)), int(m.group(3)), int(m.group(4))) if m else (0, 0, 0)
@@ -217,6 +232,7 @@ for proto in h2 h1; do
     # The three servers back to back per cell, so drift in the machine's load hits all alike.
     for kind in mutate validate; do
       cell "bulwark-$kind" "$proto" "$inflight" "https://127.0.0.1:$bp/$kind"
+      if [ -n "$before" ]; then cell "before-$kind" "$proto" "$inflight" "https://127.0.0.1:$bbp/$kind"; fi
       if [ "$kind" = mutate ]; then
         cell ceiling-mutate "$proto" "$inflight" "https://127.0.0.1:$cmp/mutate"
         cell agnhost-mutate "$proto" "$inflight" "https://127.0.0.1:$ap/mutating-pods-sidecar"
@@ -230,16 +246,20 @@ done
 
 # A fixed 5,000 reviews/s over h2 (4 connections of 4 streams, 1,250/s each) against bulwark:
 # client-side latency from h2load, handler time from bulwark's own histogram.
-metric() { curl -sS "http://127.0.0.1:$bm/metrics" | grep "^bulwark_admission_duration_seconds_bucket{endpoint=\"$1\"" || true; }
+metric() { curl -sS "http://127.0.0.1:$1/metrics" | grep "^bulwark_admission_duration_seconds_bucket{endpoint=\"$2\"" || true; }
 fixed=()
+servers=("bulwark $bp $bm")
+if [ -n "$before" ]; then servers+=("before $bbp $bbm"); fi
+for server in "${servers[@]}"; do
 for kind in mutate validate; do
-  before=$(metric "$kind")
+  read -r sname sport smetrics <<<"$server"
+  hist0=$(metric "$smetrics" "$kind")
   if [ "$smoke" = 1 ]; then n=(-n 400); else n=(-D "$duration" --warm-up-time "$warmup"); fi
-  base=$raw/fixed-$kind
+  base=$raw/fixed-$sname-$kind
   h2load "${n[@]}" -t 1 -c 4 -m 4 --rps 1250 -H 'Content-Type: application/json' \
-    -d "$work/pod.json" --log-file "$base.log" "https://127.0.0.1:$bp/$kind" >"$base.out" 2>&1 || true
-  after=$(metric "$kind")
-  fixed+=("$(python3 - "$base" "$kind" "$before" "$after" <<'EOF'
+    -d "$work/pod.json" --log-file "$base.log" "https://127.0.0.1:$sport/$kind" >"$base.out" 2>&1 || true
+  hist1=$(metric "$smetrics" "$kind")
+  fixed+=("$(python3 - "$base" "$sname $kind" "$hist0" "$hist1" <<'EOF'
 import re, sys
 base, kind, before, after = sys.argv[1:5]
 def buckets(text):
@@ -255,7 +275,7 @@ total = d.get("+Inf", 0)
 under_1ms = d.get("0.001", 0)
 p99_bucket = next((k for k in sorted((k for k in d if k != "+Inf"), key=float) if total and d[k] >= 0.99 * total), "> 0.5")
 out = open(base + ".out").read()
-m = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", out)
+m = re.search(r"finished in ([\d.]+)(?:ms|s), ([\d.]+) req/s", out)
 rps = float(m.group(2)) if m else 0.0
 lat = sorted(int(l.split("\t")[2]) for l in open(base + ".log") if l.split("\t")[1] != "-1")
 pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] / 1000 if lat else float("nan")
@@ -265,6 +285,7 @@ print(f"| {kind} | {rps:.0f} | {pct(0.5):.3f} | {pct(0.99):.3f} | {share} | {bou
 EOF
 )")
   rm -f "$base.log"
+done
 done
 flock -u 9
 
@@ -289,8 +310,12 @@ out += [f"- {how}; h2load -t 1 on the same machine as the servers",
         f"agnhost mutate {gmans} B, validate {gvans} B; each ceiling answers bulwark's answer byte for byte",
         "- h2: 1 connection up to 16 in flight, then 16 streams per connection; h1: one connection per request in flight",
         "- latency in ms, per request from h2load's log; ratio = req/s of bulwark / req/s of the other", ""]
-out += ["| endpoint | proto | in flight | bulwark req/s | p50 | p99 | ceiling req/s | p50 | p99 | agnhost req/s | p50 | p99 | bulwark/ceiling | bulwark/agnhost |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+has_before = any(k[0].startswith("before-") for k in rows)
+if has_before:
+    out += ["- before: BULWARK_BEFORE_BIN, measured in the same run right after bulwark", ""]
+out += ["| endpoint | proto | in flight | bulwark req/s | p50 | p99 | ceiling req/s | p50 | p99 | agnhost req/s | p50 | p99 | bulwark/ceiling | bulwark/agnhost |"
+        + (" before req/s | p50 | p99 | before/ceiling | bulwark/before |" if has_before else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|---:|" if has_before else "")]
 bad = []
 for kind in ("mutate", "validate"):
     for proto in ("h2", "h1"):
@@ -304,10 +329,14 @@ for kind in ("mutate", "validate"):
                 if r[5] or r[4] < r[3]:
                     bad.append(f"{n} {kind} {proto} {inflight}: {r[3]} done, {r[4]} 2xx, {r[5]} failed")
             ratio = lambda x, y: f"{x[0] / y[0]:.2f}" if y[0] else "n/a"
-            out.append(f"| {kind} | {proto} | {inflight} | {b[0]:.0f} | {b[1]} | {b[2]} | {c[0]:.0f} | {c[1]} | {c[2]} | "
-                       f"{g[0]:.0f} | {g[1]} | {g[2]} | {ratio(b, c)} | {ratio(b, g)} |")
+            line = (f"| {kind} | {proto} | {inflight} | {b[0]:.0f} | {b[1]} | {b[2]} | {c[0]:.0f} | {c[1]} | {c[2]} | "
+                    f"{g[0]:.0f} | {g[1]} | {g[2]} | {ratio(b, c)} | {ratio(b, g)} |")
+            w = rows.get((f"before-{kind}", proto, inflight))
+            if has_before and w:
+                line += f" {w[0]:.0f} | {w[1]} | {w[2]} | {ratio(w, c)} | {ratio(b, w)} |"
+            out.append(line)
 out += ["", "Fixed rate, h2, 4 connections x 4 streams, --rps 1250 per connection (5,000 reviews/s offered), bulwark only:", "",
-        "| endpoint | achieved req/s | client p50 ms | client p99 ms | handler <= 1 ms | handler p99 (histogram bucket) |",
+        "| server endpoint | achieved req/s | client p50 ms | client p99 ms | handler <= 1 ms | handler p99 (histogram bucket) |",
         "|---|---:|---:|---:|---:|---:|"]
 out += [l for l in fixed.splitlines() if l.strip()]
 if bad:
