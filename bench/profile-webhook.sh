@@ -43,15 +43,7 @@ out=$here/results/raw/profile-$endpoint.txt
 mkdir -p "$(dirname "$out")"
 dump=$(ls -t "$work"/cg.out* | grep -v '^$' | head -1)
 total=$(callgrind_annotate "$dump" 2>/dev/null | sed -n 's/^\([0-9,]*\) (100.0%).*PROGRAM TOTALS.*/\1/p' | tr -d ,)
-{
-  echo "endpoint $endpoint, $n requests, $(( total / n )) instructions per review ($total in all)"
-  echo
-  echo "self (exclusive) cost, top 40:"
-  callgrind_annotate --inclusive=no "$dump" 2>/dev/null | sed -n '/file:function/,$p' | head -42
-  echo
-  echo "inclusive cost, top 60:"
-  callgrind_annotate --inclusive=yes "$dump" 2>/dev/null | sed -n '/file:function/,$p' | head -62
-} >"$out"
+python3 "$here/callgrind-summary.py" "$dump" "$n" "$endpoint" >"$out"
 # For callgrind_annotate --tree=caller and the like.
 cp "$dump" "$here/results/raw/callgrind-$endpoint.out"
 head -1 "$out"
