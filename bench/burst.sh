@@ -32,18 +32,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-target=${CARGO_TARGET_DIR:-$root/target}
-if [ ! -x "$target/release/bulwark" ] || [ ! -x "$target/release/bulwark-e2e" ]; then
-  cargo build --release --locked -p bulwark -p bulwark-e2e
-fi
-export BULWARK_BIN=$target/release/bulwark
-e2e=$target/release/bulwark-e2e
-results=$root/bench/results
-mkdir -p "$results"
-
-cleanup() { "$e2e" --dir "$dir" down >/dev/null 2>&1 || true; }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+. "$root/bench/lib.sh"
 
 for mode in $modes; do
   echo "== $mode bulwark: $pods pods in $jobs Jobs on $nodes nodes x $per_node slots"

@@ -17,16 +17,7 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1" >&2; exit 64 ;;
   esac
 done
-target=${CARGO_TARGET_DIR:-$root/target}
-if [ ! -x "$target/release/bulwark" ] || [ ! -x "$target/release/bulwark-e2e" ]; then
-  cargo build --release --locked -p bulwark -p bulwark-e2e
-fi
-export BULWARK_BIN=$target/release/bulwark
-e2e=$target/release/bulwark-e2e
-mkdir -p "$root/bench/results"
-cleanup() { "$e2e" --dir "$dir" down >/dev/null 2>&1 || true; }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+. "$root/bench/lib.sh"
 
 "$e2e" --dir "$dir" up --nodes 4 2>&1 | tail -n 2
 # Loading is part of the measurement's load on the machine: hold the lock for all of it.
