@@ -558,7 +558,6 @@ impl Cluster {
         ] {
             self.spawn(c)?;
         }
-        let pp = PatchParams::apply("bulwark-e2e").force();
         let nodes: Api<Node> = Api::all(client.clone());
         let pods = self.state.pods_per_node;
         // Concurrently: a thousand nodes one after another would take a while.
@@ -609,9 +608,7 @@ impl Cluster {
 
         // Registered first, without a caBundle: the webhook fills it in.
         step("registering the webhooks");
-        let (mutating, validating) = objects::webhook_configurations(&self.state.webhook_url());
-        apply(&client, &mutating, &pp).await?;
-        apply(&client, &validating, &pp).await?;
+        register_webhooks(&client, &self.state.webhook_url()).await?;
 
         step("starting bulwark webhook");
         self.spawn(Component::Webhook)?;
@@ -870,6 +867,16 @@ fn probe_pod() -> Pod {
         "spec": {"containers": [{"name": "probe", "image": "registry.k8s.io/pause:3.10"}]}
     }))
     .unwrap_or_default()
+}
+
+/// Registers bulwark's two webhooks at `base_url` as the cluster's own field manager, so that
+/// moving them (a fault test points them elsewhere and back) leaves the objects exactly as
+/// registration made them; the caBundle belongs to the webhook and is kept.
+pub async fn register_webhooks(client: &Client, base_url: &str) -> anyhow::Result<()> {
+    let pp = PatchParams::apply("bulwark-e2e").force();
+    let (mutating, validating) = objects::webhook_configurations(base_url);
+    apply(client, &mutating, &pp).await?;
+    apply(client, &validating, &pp).await
 }
 
 async fn apply<K>(client: &Client, obj: &K, pp: &PatchParams) -> anyhow::Result<()>

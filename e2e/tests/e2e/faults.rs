@@ -5,39 +5,20 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, ensure};
 use bulwark_e2e::{
-    cluster::{BULWARK_CONFIG, Component, free_port},
-    objects::WEBHOOK_CONFIGURATION,
+    cluster::{BULWARK_CONFIG, Component, free_port, register_webhooks},
     pki::{Identity, kubeconfig_path},
     proxy::Proxy,
 };
-use k8s_openapi::api::{
-    admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration},
-    core::v1::Node,
-};
-use kube::{Api, api::PostParams};
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
 use serde_json::json;
 
 use crate::support::{Ctx, SteadyLoad, eventually, metric_at, pod};
 
-/// Points both registrations at `base_url` (keeping the caBundle the webhook maintains) and
-/// gives kube-apiserver's configuration informer a moment to see it.
+/// Points both registrations at `base_url` and gives kube-apiserver's configuration informer a
+/// moment to see it.
 async fn route_webhooks(ctx: &Ctx, base_url: &str) -> anyhow::Result<()> {
-    let mutating = Api::<MutatingWebhookConfiguration>::all(ctx.client.clone());
-    let mut m = mutating.get(WEBHOOK_CONFIGURATION).await?;
-    for w in m.webhooks.iter_mut().flatten() {
-        w.client_config.url = Some(format!("{base_url}/mutate"));
-    }
-    mutating
-        .replace(WEBHOOK_CONFIGURATION, &PostParams::default(), &m)
-        .await?;
-    let validating = Api::<ValidatingWebhookConfiguration>::all(ctx.client.clone());
-    let mut v = validating.get(WEBHOOK_CONFIGURATION).await?;
-    for w in v.webhooks.iter_mut().flatten() {
-        w.client_config.url = Some(format!("{base_url}/validate"));
-    }
-    validating
-        .replace(WEBHOOK_CONFIGURATION, &PostParams::default(), &v)
-        .await?;
+    register_webhooks(&ctx.client, base_url).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     Ok(())
 }
