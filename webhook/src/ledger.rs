@@ -163,7 +163,11 @@ impl Ledger {
         let reserved = u32::try_from(ns.reservations.len()).unwrap_or(u32::MAX);
         let reserved_pending = ns.pending;
         let workflow_reserved = ask.workflow.is_some_and(|w| ns.workflows.contains_key(w));
-        let cluster_cap = quota::cluster_cap(&limits.cluster, view.schedulable_nodes());
+        // With counts off there is no cluster cap either: it is a count of pending pods.
+        let cluster_cap = limits
+            .count_quotas
+            .then(|| quota::cluster_cap(&limits.cluster, view.schedulable_nodes()))
+            .flatten();
         let cluster_drain_rate = view.cluster_drain_rate(now);
         let snap = Snapshot {
             live: counts.live.saturating_add(reserved),
@@ -213,7 +217,7 @@ impl Ledger {
         if !ask.pending_exempt {
             let mut current = self.reserved_pending.load(Ordering::Acquire);
             loop {
-                if let Some(cap) = cluster_cap.filter(|_| limits.count_quotas) {
+                if let Some(cap) = cluster_cap {
                     let pending = view.cluster_pending() + current;
                     if pending >= cap.limit {
                         let refusal = quota::cluster_refusal(pending, cap, cluster_drain_rate);

@@ -55,13 +55,13 @@ pub async fn webhook_restart_under_load_loses_no_admission(ctx: &mut Ctx) -> any
     ];
     let balancer = Proxy::start(backends).await?;
     route_webhooks(ctx, &format!("https://127.0.0.1:{}", balancer.port)).await?;
-    let result = restart_body(ctx, &balancer, metrics_b).await;
+    let result = restart_body(ctx, &balancer).await;
     route_webhooks(ctx, &ctx.state().webhook_url()).await?;
     stop(ctx, "bulwark-webhook-b");
     result
 }
 
-async fn restart_body(ctx: &mut Ctx, balancer: &Proxy, metrics_b: u16) -> anyhow::Result<()> {
+async fn restart_body(ctx: &mut Ctx, balancer: &Proxy) -> anyhow::Result<()> {
     let ns = ctx
         .namespace(
             "restart",
@@ -110,7 +110,6 @@ async fn restart_body(ctx: &mut Ctx, balancer: &Proxy, metrics_b: u16) -> anyhow
         a_reviews > 0.0,
         "replica a served nothing after its restart"
     );
-    let _ = metric_at(metrics_b, "bulwark_start_time_seconds", &[]);
     println!(
         "    {ok} pods created while each replica in turn was stopped and restarted, 0 failed; connections per replica {forwarded:?}"
     );
