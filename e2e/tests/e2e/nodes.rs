@@ -224,10 +224,11 @@ pub async fn unhealthy_node_is_tainted_marked_and_restored(ctx: &mut Ctx) -> any
         Ok(())
     })
     .await?;
-    ensure!(
-        !events(ctx, node, "Recovered").await?.is_empty(),
-        "no Recovered Event"
-    );
+    // The controller removes the taint, then publishes the Event: the taint can be seen first.
+    eventually(Duration::from_secs(5), "a Recovered Event", || async {
+        Ok((!events(ctx, node, "Recovered").await?.is_empty()).then_some(()))
+    })
+    .await?;
     eventually(
         Duration::from_secs(3),
         "the webhook to count the node again",
