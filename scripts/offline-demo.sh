@@ -72,9 +72,9 @@ say "POST /mutate: a pod without requests or limits"
 review u-1 ci burst-0 | curl_tls --http2 -X POST -H 'Content-Type: application/json' --data-binary @- \
   "https://127.0.0.1:$PORT/mutate" >"$work/mutate.json"
 python3 - "$work/mutate.json" <<'EOF' || fail "mutation not as expected"
-import json, sys
+import base64, json, sys
 r = json.load(open(sys.argv[1]))["response"]
-patch = json.loads(bytes(r["patch"]))
+patch = json.loads(base64.b64decode(r["patch"]))  # base64, as kube-apiserver reads []byte
 for op in patch:
     print(f"  {op['op']} {op['path']} = {json.dumps(op['value'])}")
 for w in r.get("warnings", []):
