@@ -91,8 +91,10 @@ async fn watch_pods(api: Api<Pod>, cache: Arc<Cache>, ledger: Arc<Ledger>) {
                 }
             }
             Ok(Event::InitDone) => {
-                let count = buffer.len();
-                for (ns, name) in cache.replace_pods(buffer.drain(..), now) {
+                // Taken, not drained: a drained Vec keeps the capacity of the whole cluster.
+                let listed = std::mem::take(&mut buffer);
+                let count = listed.len();
+                for (ns, name) in cache.replace_pods(listed, now) {
                     ledger.observe_created(&ns, &name);
                 }
                 tracing::info!(pods = count, "pod cache synced");
@@ -140,6 +142,7 @@ async fn watch_namespaces(
                 seen.insert(apply(ns, now));
             }
             Ok(Event::InitDone) => {
+                let seen = std::mem::take(&mut seen);
                 cache.retain_namespaces(&seen, now);
                 tracing::info!(namespaces = seen.len(), "namespace cache synced");
             }
@@ -162,6 +165,7 @@ async fn watch_nodes(api: Api<Node>, cache: Arc<Cache>) {
                 cache.apply_node(&node, now);
             }
             Ok(Event::InitDone) => {
+                let seen = std::mem::take(&mut seen);
                 cache.retain_nodes(&seen, now);
                 tracing::info!(nodes = seen.len(), "node cache synced");
             }
