@@ -6,7 +6,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -20,6 +20,7 @@ use crate::{
     policy::Policy,
     quota::{self, Ask, Refusal, Snapshot},
     rate::{self, Nanos},
+    waiting::WaitingLine,
 };
 
 #[derive(Debug)]
@@ -38,9 +39,16 @@ struct NamespaceLedger {
     /// Counters over `reservations`, so a decision does not scan them.
     pending: u32,
     workflows: HashMap<Arc<str>, u32>,
+    /// Clients refused for this namespace's count quotas, until their retry is due; boxed
+    /// and made on the first refusal, since most namespaces are never refused.
+    line: Option<Box<WaitingLine>>,
 }
 
 impl NamespaceLedger {
+    fn waiting(&mut self, secs: u64) -> u32 {
+        self.line.as_mut().map_or(0, |line| line.waiting(secs))
+    }
+
     fn push(&mut self, r: Reservation) {
         if r.pending {
             self.pending += 1;
@@ -94,6 +102,9 @@ pub struct Ledger {
     reserved_pending: AtomicU64,
     /// Ready webhook replicas sharing each namespace's rate (1 until told otherwise).
     replicas: AtomicU32,
+    /// Clients refused for the cluster cap, until their retry is due. Locked after a
+    /// namespace entry, never before one.
+    cluster_line: Mutex<WaitingLine>,
 }
 
 impl Ledger {
@@ -105,6 +116,7 @@ impl Ledger {
             reserved: AtomicU64::new(0),
             reserved_pending: AtomicU64::new(0),
             replicas: AtomicU32::new(1),
+            cluster_line: Mutex::new(WaitingLine::default()),
         }
     }
 
@@ -119,6 +131,36 @@ impl Ledger {
 
     fn nanos(&self, now: Instant) -> Nanos {
         u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn seconds(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_secs()
+    }
+
+    /// Applies `f` to the cluster cap's waiting line. A poisoned lock still holds a usable
+    /// count (the line's updates cannot be left half done), so it is used as is.
+    fn cluster_line<T>(&self, f: impl FnOnce(&mut WaitingLine) -> T) -> T {
+        let mut line = self
+            .cluster_line
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut line)
+    }
+
+    /// Puts a client refused for a count quota on the line it waits in.
+    fn join_line(&self, ns: &mut NamespaceLedger, refusal: &Refusal, now: Instant) {
+        let secs = self.seconds(now);
+        match refusal {
+            Refusal::Rate { .. } => {}
+            Refusal::ClusterPending { expected, .. } => {
+                self.cluster_line(|line| line.join(secs, *expected));
+            }
+            Refusal::MaxPods { expected, .. }
+            | Refusal::MaxPending { expected, .. }
+            | Refusal::WorkflowShare { expected, .. } => {
+                ns.line.get_or_insert_default().join(secs, *expected);
+            }
+        }
     }
 
     /// Reservations not yet matched by a watched pod.
@@ -169,15 +211,27 @@ impl Ledger {
             .then(|| quota::cluster_cap(&limits.cluster, view.schedulable_nodes()))
             .flatten();
         let cluster_drain_rate = view.cluster_drain_rate(now);
+        let cluster_pending =
+            view.cluster_pending() + self.reserved_pending.load(Ordering::Acquire);
+        let secs = self.seconds(now);
+        // Only a refusal reads the cluster's line: admissions below the cap skip the lock.
+        let cluster_waiting = match cluster_cap {
+            Some(cap) if cluster_pending >= cap.limit => {
+                u64::from(self.cluster_line(|line| line.waiting(secs)))
+            }
+            _ => 0,
+        };
         let snap = Snapshot {
             live: counts.live.saturating_add(reserved),
             pending: counts.pending.saturating_add(reserved_pending),
             workflow_started: counts.workflow_started || workflow_reserved,
             pending_drain_rate: counts.pending_drain_rate,
             live_drain_rate: counts.live_drain_rate,
-            cluster_pending: view.cluster_pending() + self.reserved_pending.load(Ordering::Acquire),
+            cluster_pending,
             cluster_drain_rate,
             cluster_cap,
+            waiting: ns.waiting(secs),
+            cluster_waiting,
         };
 
         let counted = if limits.count_quotas {
@@ -203,7 +257,11 @@ impl Ledger {
 
         let new_tat = match (checked, commit) {
             (Ok(_), Commit::DryRun) => return Ok(()),
-            (Err(refusal), Commit::DryRun | Commit::Enforce) => return Err(refusal),
+            (Err(refusal), Commit::DryRun) => return Err(refusal),
+            (Err(refusal), Commit::Enforce) => {
+                self.join_line(&mut ns, &refusal, now);
+                return Err(refusal);
+            }
             (Err(refusal), Commit::Warn) => {
                 // The pod will exist: count it, but take nothing from the rate.
                 self.reserve_regardless(&mut ns, name, &ask, now);
@@ -220,9 +278,13 @@ impl Ledger {
                 if let Some(cap) = cluster_cap {
                     let pending = view.cluster_pending() + current;
                     if pending >= cap.limit {
-                        let refusal = quota::cluster_refusal(pending, cap, cluster_drain_rate);
-                        if commit == Commit::Warn {
-                            self.reserve_regardless(&mut ns, name, &ask, now);
+                        let waiting = u64::from(self.cluster_line(|line| line.waiting(secs)));
+                        let refusal =
+                            quota::cluster_refusal(pending, cap, cluster_drain_rate, waiting);
+                        match commit {
+                            Commit::Warn => self.reserve_regardless(&mut ns, name, &ask, now),
+                            Commit::Enforce => self.join_line(&mut ns, &refusal, now),
+                            Commit::DryRun => {}
                         }
                         return Err(refusal);
                     }
@@ -299,9 +361,13 @@ impl Ledger {
     /// stop creating pods do not hold reservations or memory.
     pub fn sweep(&self, now: Instant) {
         let now_nanos = self.nanos(now);
+        let secs = self.seconds(now);
         self.namespaces.retain(|_, ns| {
             self.expire(ns, now);
-            !ns.reservations.is_empty() || ns.tat > now_nanos
+            if ns.waiting(secs) == 0 {
+                ns.line = None;
+            }
+            !ns.reservations.is_empty() || ns.tat > now_nanos || ns.line.is_some()
         });
     }
 }
@@ -575,6 +641,119 @@ mod tests {
             "{per_ns:?}: the cluster cap is exact"
         );
         assert_eq!(f.ledger.reserved(), 120);
+    }
+
+    /// A namespace at its pending cap whose pods start at 10 per second.
+    struct Draining;
+
+    impl ClusterView for Draining {
+        fn namespace(&self, _: &str) -> Option<Arc<crate::cache::NamespaceInfo>> {
+            None
+        }
+        fn pod_counts(&self, _: &str, _: Option<&str>, _: Instant) -> crate::cache::PodCounts {
+            crate::cache::PodCounts {
+                pending: 10,
+                live: 10,
+                pending_drain_rate: 10.0,
+                ..Default::default()
+            }
+        }
+        fn cluster_pending(&self) -> u64 {
+            10
+        }
+        fn cluster_drain_rate(&self, _: Instant) -> f64 {
+            10.0
+        }
+        fn schedulable_nodes(&self) -> Option<u32> {
+            None
+        }
+    }
+
+    #[test]
+    fn refused_clients_line_up_and_leave_the_line_when_due() {
+        let f = Fixture::new(None);
+        let p = counts_only(None, Some(10));
+        let refuse = |commit, at| {
+            f.ledger
+                .admit(
+                    &Draining,
+                    "ci",
+                    None,
+                    &p,
+                    Ask::default(),
+                    &f.limits,
+                    commit,
+                    at,
+                )
+                .unwrap_err()
+                .expected_wait()
+        };
+        // A dry run does not retry: it does not join the line.
+        assert_eq!(refuse(Commit::DryRun, f.t), Duration::from_millis(100));
+        assert_eq!(refuse(Commit::DryRun, f.t), Duration::from_millis(100));
+        let waits: Vec<_> = (0..20).map(|_| refuse(Commit::Enforce, f.t)).collect();
+        assert_eq!(waits[0], Duration::from_millis(100));
+        assert_eq!(
+            waits[9],
+            Duration::from_secs(1),
+            "10th in line at 10 pods/s"
+        );
+        assert_eq!(waits[19], Duration::from_secs(2));
+        // All 20 were told to come back after 1 s (0.1 s rounds up) or 2 s. The periodic sweep
+        // keeps a namespace whose line is not empty, although it holds no reservation.
+        f.ledger.sweep(f.t + Duration::from_secs(1));
+        assert_eq!(
+            refuse(Commit::DryRun, f.t + Duration::from_secs(1)),
+            Duration::from_millis(1100)
+        );
+        assert_eq!(
+            refuse(Commit::DryRun, f.t + Duration::from_secs(2)),
+            Duration::from_millis(100)
+        );
+        // Another namespace has its own line.
+        let other = f
+            .ledger
+            .admit(
+                &Draining,
+                "b",
+                None,
+                &p,
+                Ask::default(),
+                &f.limits,
+                Commit::Enforce,
+                f.t,
+            )
+            .unwrap_err();
+        assert_eq!(other.expected_wait(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn refusals_for_the_cluster_cap_line_up_across_namespaces() {
+        let f = Fixture::new(Some(10));
+        let p = counts_only(None, None);
+        let waits: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|ns| {
+                f.ledger
+                    .admit(
+                        &Draining,
+                        ns,
+                        None,
+                        &p,
+                        Ask::default(),
+                        &f.limits,
+                        Commit::Enforce,
+                        f.t,
+                    )
+                    .unwrap_err()
+                    .expected_wait()
+            })
+            .collect();
+        assert_eq!(
+            waits,
+            [100, 200, 300].map(Duration::from_millis).to_vec(),
+            "one line for the cluster cap"
+        );
     }
 
     #[test]

@@ -21,4 +21,5 @@ pub mod rate;
 pub mod server;
 pub mod staleness;
 pub mod tls;
+pub mod waiting;
 pub mod watch;

@@ -19,6 +19,10 @@ pub struct Snapshot {
     pub cluster_pending: u64,
     pub cluster_drain_rate: f64,
     pub cluster_cap: Option<ClusterCap>,
+    /// Clients of this namespace refused for a count quota and not yet due back.
+    pub waiting: u32,
+    /// The same for the cluster cap, across namespaces.
+    pub cluster_waiting: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,7 +169,8 @@ impl Refusal {
 const NO_DRAIN_PENDING_WAIT: Duration = Duration::from_secs(5);
 const NO_DRAIN_LIVE_WAIT: Duration = Duration::from_secs(10);
 
-/// Time until `needed` slots free up at `rate` per second.
+/// Time until `needed` slots free up at `rate` per second. `needed` counts the clients already
+/// waiting in line ([`crate::waiting`]), so a refused client is sent behind them.
 fn expected(needed: u64, rate: f64, fallback: Duration) -> Duration {
     if rate < 0.01 {
         fallback
@@ -188,7 +193,7 @@ pub fn check_counts(
             live: snap.live,
             limit,
             expected: expected(
-                u64::from(snap.live - limit) + 1,
+                u64::from(snap.live - limit) + 1 + u64::from(snap.waiting),
                 snap.live_drain_rate,
                 NO_DRAIN_LIVE_WAIT,
             ),
@@ -207,7 +212,7 @@ pub fn check_counts(
         };
         if snap.pending >= usable {
             let expected = expected(
-                u64::from(snap.pending - usable) + 1,
+                u64::from(snap.pending - usable) + 1 + u64::from(snap.waiting),
                 snap.pending_drain_rate,
                 NO_DRAIN_PENDING_WAIT,
             );
@@ -234,17 +239,18 @@ pub fn check_counts(
             snap.cluster_pending,
             cap,
             snap.cluster_drain_rate,
+            snap.cluster_waiting,
         ));
     }
     Ok(())
 }
 
-pub fn cluster_refusal(pending: u64, cap: ClusterCap, drain_rate: f64) -> Refusal {
+pub fn cluster_refusal(pending: u64, cap: ClusterCap, drain_rate: f64, waiting: u64) -> Refusal {
     Refusal::ClusterPending {
         pending,
         cap,
         expected: expected(
-            pending.saturating_sub(cap.limit) + 1,
+            pending.saturating_sub(cap.limit) + 1 + waiting,
             drain_rate,
             NO_DRAIN_PENDING_WAIT,
         ),
@@ -404,6 +410,47 @@ mod tests {
         let r = check_counts(&p, &fast, Ask::default(), 0).unwrap_err();
         assert_eq!(r.expected_wait(), Duration::from_secs(1));
         let stalled = snap(0, 10);
+        let r = check_counts(&p, &stalled, Ask::default(), 0).unwrap_err();
+        assert_eq!(r.expected_wait(), NO_DRAIN_PENDING_WAIT);
+    }
+
+    #[test]
+    fn clients_already_waiting_push_the_next_one_back() {
+        let p = policy(None, Some(10));
+        let full = Snapshot {
+            pending_drain_rate: 10.0,
+            ..snap(0, 10)
+        };
+        // One slot at 10 pods/s: 0.1 s, which the client hears as 1 s.
+        let r = check_counts(&p, &full, Ask::default(), 0).unwrap_err();
+        assert_eq!(r.expected_wait(), Duration::from_millis(100));
+        // 49 clients already told to come back: this one is 50th in line, 5 s away.
+        let queued = Snapshot {
+            waiting: 49,
+            ..full
+        };
+        let r = check_counts(&p, &queued, Ask::default(), 0).unwrap_err();
+        assert_eq!(r.expected_wait(), Duration::from_secs(5));
+        let max_pods = Snapshot {
+            live_drain_rate: 2.0,
+            waiting: 3,
+            ..snap(4, 0)
+        };
+        let r = check_counts(&policy(Some(4), None), &max_pods, Ask::default(), 0).unwrap_err();
+        assert_eq!(r.expected_wait(), Duration::from_secs(2));
+        let cap = ClusterCap {
+            limit: 100,
+            basis: CapBasis::Absolute,
+        };
+        assert_eq!(
+            cluster_refusal(100, cap, 20.0, 39).expected_wait(),
+            Duration::from_secs(2)
+        );
+        // Nothing drains: the line cannot be timed, the short fixed pause stands.
+        let stalled = Snapshot {
+            waiting: 500,
+            ..snap(0, 10)
+        };
         let r = check_counts(&p, &stalled, Ask::default(), 0).unwrap_err();
         assert_eq!(r.expected_wait(), NO_DRAIN_PENDING_WAIT);
     }
