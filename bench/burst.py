@@ -347,6 +347,8 @@ def main():
         "pods": a.pods,
         "jobs": a.jobs,
         "cap": a.cap if a.mode == "with" else None,
+        # kube-controller-manager's Job workers (None: its default, 5).
+        "job_syncs": cluster.state.get("job_syncs"),
         "submitted_s": round(submitted, 2),
         # Until every Job reports all its completions (status.succeeded, sampled each second).
         "makespan_s": round(makespan, 1) if makespan is not None else None,

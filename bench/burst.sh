@@ -9,14 +9,19 @@
 #
 #   bench/burst.sh [--pods 10000] [--jobs 50] [--nodes 50] [--pods-per-node 20] [--cap 1000]
 #                  [--controller-qps 200] [--timeout 1200] [--modes "without with"]
-#                  [--dir /tmp/burst-cluster]
+#                  [--dir /tmp/burst-cluster] [--job-syncs N] [--max-retry-after 30]
+#                  [--results DIR]
+# --job-syncs sets kube-controller-manager's --concurrent-job-syncs (default 5) in both modes;
+# --max-retry-after is bulwark's maxRetryAfterSeconds (default 30, bulwark's own default; the
+# e2e tests use 1);
+# --results writes the files to DIR instead of bench/results (to keep a variant's run apart).
 # Each measured run holds /tmp/bulwark-bench.lock (flock) so benchmarks do not overlap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
 pods=10000 jobs=50 nodes=50 per_node=20 cap=1000 qps=200 timeout=1200
-modes="without with" dir=/tmp/burst-cluster
+modes="without with" dir=/tmp/burst-cluster job_syncs="" out_dir="" max_retry=30
 while [ $# -gt 0 ]; do
   case "$1" in
     --pods) pods=$2; shift 2 ;;
@@ -28,16 +33,25 @@ while [ $# -gt 0 ]; do
     --timeout) timeout=$2; shift 2 ;;
     --modes) modes=$2; shift 2 ;;
     --dir) dir=$2; shift 2 ;;
+    --job-syncs) job_syncs=$2; shift 2 ;;
+    --results) out_dir=$2; shift 2 ;;
+    --max-retry-after) max_retry=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 64 ;;
   esac
 done
 
 . "$root/bench/lib.sh"
+if [ -n "$out_dir" ]; then
+  results=$out_dir
+  mkdir -p "$results"
+fi
+up_extra=(--max-retry-after "$max_retry")
+[ -z "$job_syncs" ] || up_extra+=(--job-syncs "$job_syncs")
 
 for mode in $modes; do
   echo "== $mode bulwark: $pods pods in $jobs Jobs on $nodes nodes x $per_node slots"
   "$e2e" --dir "$dir" up --nodes "$nodes" --pods-per-node "$per_node" \
-    --controller-qps "$qps" 2>&1 | tail -n 2
+    --controller-qps "$qps" "${up_extra[@]}" 2>&1 | tail -n 2
   # Let start-up settle (node heartbeats, caches) before measuring.
   sleep 10
   rc=0

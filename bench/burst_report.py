@@ -130,7 +130,9 @@ def main():
         return 1
     md = [
         f"Burst: {with_['pods']} pods in {with_['jobs']} Jobs; bulwark cap "
-        f"max-pending-pods={with_['cap']}. Ratios are with / without, from one invocation.",
+        f"max-pending-pods={with_['cap']}; kube-controller-manager --concurrent-job-syncs="
+        f"{with_.get('job_syncs') or '5 (default)'}. Ratios are with / without, from one "
+        "invocation.",
         "",
         table(without, with_),
         "",

@@ -12,6 +12,7 @@ import json
 import sys
 import threading
 import time
+import urllib.request
 
 import kube
 
@@ -41,6 +42,40 @@ def create_delete(client, n, sink, errors):
         sink.append(seconds * 1000)
         name = json.loads(payload)["metadata"]["name"]
         client.json("DELETE", f"/api/v1/namespaces/{NS}/pods/{name}", ok=(200, 202, 404))
+
+
+def sums(text, metric):
+    """{labels: [sum, count]} of one Prometheus histogram in a text exposition."""
+    out = {}
+    for line in text.splitlines():
+        for part, i in ((f"{metric}_sum{{", 0), (f"{metric}_count{{", 1)):
+            if line.startswith(part):
+                labels, value = line[len(part) - 1 :].rsplit(" ", 1)
+                out.setdefault(labels, [0.0, 0.0])[i] = float(value)
+    return out
+
+
+def where_time_goes(cluster, api):
+    """Snapshot of the two views of a webhook call: kube-apiserver's (the whole call: encoding
+    the review, TLS, the round trip, decoding the answer) and bulwark's handler (body read to
+    answer encoded). The difference of two snapshots gives the mean of each per call."""
+    apiserver = sums(api.request("GET", "/metrics")[2].decode(),
+                     "apiserver_admission_webhook_admission_duration_seconds")
+    url = f"http://127.0.0.1:{cluster.ports['webhook_metrics']}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        handler = sums(r.read().decode(), "bulwark_admission_duration_seconds")
+    return {"apiserver": apiserver, "handler": handler}
+
+
+def mean_ms(before, after):
+    """Mean milliseconds per call for each label set that moved between two snapshots."""
+    out = {}
+    for view in ("apiserver", "handler"):
+        for labels, (s1, c1) in after[view].items():
+            s0, c0 = before[view].get(labels, (0.0, 0.0))
+            if c1 > c0:
+                out[f"{view} {labels}"] = (round((s1 - s0) / (c1 - c0) * 1000, 3), int(c1 - c0))
+    return out
 
 
 def phase(cluster, mode, rnd, a, rows):
@@ -101,7 +136,7 @@ def main():
     )
     kube.wait_bulwark(api, NS, True)
     saved = kube.save_webhooks(api)
-    rows, errors = [], 0
+    rows, errors, calls = [], 0, {}
     try:
         for rnd in range(1, a.rounds + 1):
             order = ["without", "with"] if rnd % 2 else ["with", "without"]
@@ -113,7 +148,11 @@ def main():
                     kube.create_webhooks(api, saved)
                     kube.wait_bulwark(api, NS, True)
                 time.sleep(1)
+                before = where_time_goes(cluster, api) if mode == "with" else None
                 errors += phase(cluster, mode, rnd, a, rows)
+                if before is not None:
+                    for key, (ms, n) in mean_ms(before, where_time_goes(cluster, api)).items():
+                        calls.setdefault(key, []).append((ms, n))
     finally:
         kube.create_webhooks(api, saved)
 
@@ -142,7 +181,13 @@ def main():
             f"ratio {'met' if p99w / p99o <= 1.05 else 'missed'}, added p99 "
             f"{'met' if p99w - p99o <= 5 else 'missed'} |"
         )
-    text = "\n".join(lines + ratios) + f"\n\nfailed creates: {errors}\n"
+    split = ["", "Mean time per webhook call during the \"with\" phases (all requests), as kube-apiserver",
+             "and bulwark's handler see it:", "", "| view {labels} | mean ms per call | calls |", "|---|---:|---:|"]
+    for key, vals in sorted(calls.items()):
+        n = sum(c for _, c in vals)
+        mean = sum(ms * c for ms, c in vals) / n
+        split.append(f"| `{key}` | {mean:.3f} | {n} |")
+    text = "\n".join(lines + ratios + split) + f"\n\nfailed creates: {errors}\n"
     with open(a.out + ".md", "w") as f:
         f.write(text)
     print(text)

@@ -96,10 +96,12 @@ def rss_mib(pid):
     return round(rss / 2**20, 1) if rss else None
 
 
-def fresh_webhook(cluster, log_path, limit=300):
+def fresh_webhook(cluster, log_path, binary=None, limit=300):
     base = cluster.pid("bulwark-webhook")
     with open(f"/proc/{base}/cmdline", "rb") as f:
         argv = [a.decode() for a in f.read().split(b"\0") if a]
+    if binary:
+        argv[0] = binary
     port = free_port()
     args = [a for a in argv if not a.startswith(("--listen=", "--metrics-listen="))]
     args += [f"--listen=127.0.0.1:{port}", "--metrics-listen=127.0.0.1:0"]
@@ -156,7 +158,20 @@ def main():
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--starts", type=int, default=2)
     ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="after the fresh starts, start another bulwark binary as many times (a build to compare)",
+    )
     a = ap.parse_args()
+    also = []
+    for spec in a.also:
+        name, sep, path = spec.partition("=")
+        if not sep or not os.access(path, os.X_OK):
+            ap.error(f"--also {spec}: expected NAME=PATH to an executable")
+        also.append((name, path))
     cluster = kube.Cluster(a.dir)
     api = cluster.client()
     kube.wait_bulwark(api, "default", True)
@@ -202,6 +217,13 @@ def main():
         r = fresh_webhook(cluster, os.path.join(a.dir, "logs", f"scale-webhook-{i}.log"))
         print(f"fresh webhook {i}: {r}", flush=True)
         summary["fresh_starts"].append(r)
+    for name, path in also:
+        starts = summary.setdefault("compared", {}).setdefault(name, [])
+        for i in range(a.starts):
+            log = os.path.join(a.dir, "logs", f"scale-webhook-{name}-{i}.log")
+            r = fresh_webhook(cluster, log, binary=path)
+            print(f"fresh webhook {name} {i}: {r}", flush=True)
+            starts.append(r)
     with open(a.out + ".json", "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))

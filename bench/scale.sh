@@ -4,7 +4,9 @@
 # ready (/readyz) and resident memory once its caches are synced. Output:
 # bench/results/scale.json (+ scale.log).
 #   bench/scale.sh [--namespaces 10000] [--pods 100000] [--workers 12] [--starts 2]
-#                  [--dir /tmp/burst-cluster]
+#                  [--dir /tmp/burst-cluster] [--also NAME=PATH ...]
+# --also starts another bulwark binary the same way against the same cluster (say, a build
+# with another allocator), so two builds are compared on identical data in one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -13,7 +15,7 @@ args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dir) dir=$2; shift 2 ;;
-    --namespaces|--pods|--workers|--starts) args+=("$1" "$2"); shift 2 ;;
+    --namespaces|--pods|--workers|--starts|--also) args+=("$1" "$2"); shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 64 ;;
   esac
 done

@@ -102,6 +102,10 @@ pub struct Options {
     pub pods_per_node: u32,
     /// kube-controller-manager's `--kube-api-qps` (burst twice that); default: its own (20).
     pub controller_qps: Option<u32>,
+    /// kube-controller-manager's `--concurrent-job-syncs`; default: its own (5).
+    pub job_syncs: Option<u32>,
+    /// bulwark's `maxRetryAfterSeconds`; default: 1, which keeps the tests short.
+    pub max_retry_after: Option<u32>,
 }
 
 impl Default for Options {
@@ -112,6 +116,8 @@ impl Default for Options {
             bulwark: None,
             pods_per_node: DEFAULT_PODS_PER_NODE,
             controller_qps: None,
+            job_syncs: None,
+            max_retry_after: None,
         }
     }
 }
@@ -176,6 +182,10 @@ pub struct State {
     pub pods_per_node: u32,
     #[serde(default)]
     pub controller_qps: Option<u32>,
+    #[serde(default)]
+    pub job_syncs: Option<u32>,
+    #[serde(default)]
+    pub max_retry_after: Option<u32>,
 }
 
 impl State {
@@ -307,6 +317,9 @@ impl State {
                     args.push(format!("--kube-api-qps={qps}"));
                     args.push(format!("--kube-api-burst={}", qps.saturating_mul(2)));
                 }
+                if let Some(syncs) = self.job_syncs {
+                    args.push(format!("--concurrent-job-syncs={syncs}"));
+                }
                 args
             }
             Component::Scheduler => vec![
@@ -417,6 +430,8 @@ impl Cluster {
             nodes: opts.nodes,
             pods_per_node: opts.pods_per_node,
             controller_qps: opts.controller_qps,
+            job_syncs: opts.job_syncs,
+            max_retry_after: opts.max_retry_after,
         };
         let state_json = serde_json::to_string_pretty(&state).context("encoding cluster state")?;
         std::fs::write(dir.join(STATE_FILE), state_json).context("writing cluster.json")?;
@@ -533,7 +548,14 @@ impl Cluster {
         let step = |what: &str| eprintln!("[{:5.1}s] {what}", t0.elapsed().as_secs_f64());
         let dir = self.state.dir.clone();
         let pki = pki::generate(&dir, &self.state.apiserver_url())?;
-        std::fs::write(dir.join("bulwark.yaml"), BULWARK_CONFIG).context("writing bulwark.yaml")?;
+        let config = match self.state.max_retry_after {
+            Some(n) => BULWARK_CONFIG.replace(
+                "maxRetryAfterSeconds: 1\n",
+                &format!("maxRetryAfterSeconds: {n}\n"),
+            ),
+            None => BULWARK_CONFIG.to_owned(),
+        };
+        std::fs::write(dir.join("bulwark.yaml"), config).context("writing bulwark.yaml")?;
         std::fs::write(dir.join("kwok.yaml"), KWOK_STAGES).context("writing kwok.yaml")?;
 
         step("starting etcd");

@@ -33,6 +33,13 @@ enum Cmd {
         /// default: its own, 20/s, which paces the Job controller's pod creations.
         #[arg(long)]
         controller_qps: Option<u32>,
+        /// kube-controller-manager's --concurrent-job-syncs (Job controller workers);
+        /// default: its own, 5.
+        #[arg(long)]
+        job_syncs: Option<u32>,
+        /// bulwark's maxRetryAfterSeconds (1 to 3600); default: 1, short for the tests.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3600))]
+        max_retry_after: Option<u32>,
     },
     /// Stop every process of the cluster.
     Down,
@@ -52,12 +59,16 @@ async fn main() -> ExitCode {
             nodes,
             pods_per_node,
             controller_qps,
+            job_syncs,
+            max_retry_after,
         } => Cluster::up(&Options {
             dir,
             nodes,
             bulwark: None,
             pods_per_node,
             controller_qps,
+            job_syncs,
+            max_retry_after,
         })
         .await
         .map(|c| {
