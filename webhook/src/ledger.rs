@@ -427,6 +427,21 @@ mod tests {
                 .admit(&self.cache, "ci", name, p, ask, &self.limits, commit, at)
         }
 
+        /// The wait a refusal by [`Draining`] names, for an unnamed pod in `namespace`.
+        fn wait_in_draining(
+            &self,
+            namespace: &str,
+            p: &Policy,
+            commit: Commit,
+            at: Instant,
+        ) -> Duration {
+            let ask = Ask::default();
+            self.ledger
+                .admit(&Draining, namespace, None, p, ask, &self.limits, commit, at)
+                .unwrap_err()
+                .expected_wait()
+        }
+
         /// An unnamed pod outside workflows in namespace "ci", at the start time.
         fn admit(&self, p: &Policy, commit: Commit) -> Result<(), Refusal> {
             self.admit_as(None, p, Ask::default(), commit, self.t)
@@ -673,21 +688,7 @@ mod tests {
     fn refused_clients_line_up_and_leave_the_line_when_due() {
         let f = Fixture::new(None);
         let p = counts_only(None, Some(10));
-        let refuse = |commit, at| {
-            f.ledger
-                .admit(
-                    &Draining,
-                    "ci",
-                    None,
-                    &p,
-                    Ask::default(),
-                    &f.limits,
-                    commit,
-                    at,
-                )
-                .unwrap_err()
-                .expected_wait()
-        };
+        let refuse = |commit, at| f.wait_in_draining("ci", &p, commit, at);
         // A dry run does not retry: it does not join the line.
         assert_eq!(refuse(Commit::DryRun, f.t), Duration::from_millis(100));
         assert_eq!(refuse(Commit::DryRun, f.t), Duration::from_millis(100));
@@ -702,56 +703,22 @@ mod tests {
         // All 20 were told to come back after 1 s (0.1 s rounds up) or 2 s. The periodic sweep
         // keeps a namespace whose line is not empty, although it holds no reservation.
         f.ledger.sweep(f.t + Duration::from_secs(1));
-        assert_eq!(
-            refuse(Commit::DryRun, f.t + Duration::from_secs(1)),
-            Duration::from_millis(1100)
-        );
-        assert_eq!(
-            refuse(Commit::DryRun, f.t + Duration::from_secs(2)),
-            Duration::from_millis(100)
-        );
+        let later = |secs| refuse(Commit::DryRun, f.t + Duration::from_secs(secs));
+        assert_eq!(later(1), Duration::from_millis(1100));
+        assert_eq!(later(2), Duration::from_millis(100));
         // Another namespace has its own line.
-        let other = f
-            .ledger
-            .admit(
-                &Draining,
-                "b",
-                None,
-                &p,
-                Ask::default(),
-                &f.limits,
-                Commit::Enforce,
-                f.t,
-            )
-            .unwrap_err();
-        assert_eq!(other.expected_wait(), Duration::from_millis(100));
+        let other = f.wait_in_draining("b", &p, Commit::Enforce, f.t);
+        assert_eq!(other, Duration::from_millis(100));
     }
 
     #[test]
     fn refusals_for_the_cluster_cap_line_up_across_namespaces() {
         let f = Fixture::new(Some(10));
         let p = counts_only(None, None);
-        let waits: Vec<_> = ["a", "b", "c"]
-            .iter()
-            .map(|ns| {
-                f.ledger
-                    .admit(
-                        &Draining,
-                        ns,
-                        None,
-                        &p,
-                        Ask::default(),
-                        &f.limits,
-                        Commit::Enforce,
-                        f.t,
-                    )
-                    .unwrap_err()
-                    .expected_wait()
-            })
-            .collect();
+        let waits = ["a", "b", "c"].map(|ns| f.wait_in_draining(ns, &p, Commit::Enforce, f.t));
         assert_eq!(
             waits,
-            [100, 200, 300].map(Duration::from_millis).to_vec(),
+            [100, 200, 300].map(Duration::from_millis),
             "one line for the cluster cap"
         );
     }
