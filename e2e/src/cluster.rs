@@ -549,10 +549,15 @@ impl Cluster {
         let dir = self.state.dir.clone();
         let pki = pki::generate(&dir, &self.state.apiserver_url())?;
         let config = match self.state.max_retry_after {
-            Some(n) => BULWARK_CONFIG.replace(
-                "maxRetryAfterSeconds: 1\n",
-                &format!("maxRetryAfterSeconds: {n}\n"),
-            ),
+            Some(n) => {
+                let line = "maxRetryAfterSeconds: 1\n";
+                anyhow::ensure!(
+                    BULWARK_CONFIG.contains(line),
+                    "the e2e bulwark config has no `{}` line to replace",
+                    line.trim_end()
+                );
+                BULWARK_CONFIG.replace(line, &format!("maxRetryAfterSeconds: {n}\n"))
+            }
             None => BULWARK_CONFIG.to_owned(),
         };
         std::fs::write(dir.join("bulwark.yaml"), config).context("writing bulwark.yaml")?;
