@@ -183,13 +183,17 @@ impl Daemon {
     }
 }
 
-/// `spawn` can return while the child still runs this program's image; until it has
-/// exec'd, its command line does not show whose it is (see [`RunDir::owns`]).
+/// `spawn` can return while the child still runs this program's image, or while it is inside
+/// execve: a vfork-style spawn resumes the parent once the old image is released, before the
+/// new one's arguments are in place, and /proc then shows an empty command line. Until the
+/// exec is done the command line does not show whose the process is (see [`RunDir::owns`]),
+/// and a pid file written then would be taken for a recycled pid and removed.
 fn wait_for_exec(pid: u32) {
     let own = fs::read("/proc/self/cmdline").unwrap_or_default();
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(1)
-        && fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == own)
+        && alive(pid)
+        && fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.is_empty() || c == own)
     {
         thread::sleep(Duration::from_millis(1));
     }
