@@ -148,8 +148,7 @@ impl Ledger {
     }
 
     /// Puts a client refused for a count quota on the line it waits in.
-    fn join_line(&self, ns: &mut NamespaceLedger, refusal: &Refusal, now: Instant) {
-        let secs = self.seconds(now);
+    fn join_line(&self, ns: &mut NamespaceLedger, refusal: &Refusal, secs: u64) {
         match refusal {
             Refusal::Rate { .. } => {}
             Refusal::ClusterPending { expected, .. } => {
@@ -259,7 +258,7 @@ impl Ledger {
             (Ok(_), Commit::DryRun) => return Ok(()),
             (Err(refusal), Commit::DryRun) => return Err(refusal),
             (Err(refusal), Commit::Enforce) => {
-                self.join_line(&mut ns, &refusal, now);
+                self.join_line(&mut ns, &refusal, secs);
                 return Err(refusal);
             }
             (Err(refusal), Commit::Warn) => {
@@ -283,7 +282,7 @@ impl Ledger {
                             quota::cluster_refusal(pending, cap, cluster_drain_rate, waiting);
                         match commit {
                             Commit::Warn => self.reserve_regardless(&mut ns, name, &ask, now),
-                            Commit::Enforce => self.join_line(&mut ns, &refusal, now),
+                            Commit::Enforce => self.join_line(&mut ns, &refusal, secs),
                             Commit::DryRun => {}
                         }
                         return Err(refusal);
