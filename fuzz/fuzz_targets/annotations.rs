@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use arbitrary::Arbitrary;
-use bulwark::{
-    policy::Policy,
+use bulwark::policy::{
+    Policy,
     quantity::{Cpu, Memory},
 };
 use libfuzzer_sys::fuzz_target;

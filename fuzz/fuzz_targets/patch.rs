@@ -6,9 +6,11 @@ use std::collections::BTreeMap;
 
 use arbitrary::Arbitrary;
 use bulwark::{
-    defaults::mutate,
-    policy::ResourceDefaults,
-    quantity::{Cpu, Memory},
+    policy::{
+        ResourceDefaults,
+        quantity::{Cpu, Memory},
+    },
+    review::defaults::mutate,
 };
 use k8s_openapi::{
     api::core::v1::{Container, Pod, PodSpec, ResourceRequirements},

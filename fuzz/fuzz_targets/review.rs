@@ -1,44 +1,31 @@
 //! Any body: decoding never panics; a review that decodes gets a mutate and a validate answer
-//! that serialise to an AdmissionReview echoing its uid, bounded in size.
+//! that serialise to an AdmissionReview echoing its uid, bounded in size. The webhook is the
+//! one `bulwark webhook --offline` runs, built through the library entry, and its sweeper runs
+//! between inputs.
 #![no_main]
 
-use std::{
-    sync::{Arc, OnceLock},
-    time::Instant,
-};
+use std::{sync::OnceLock, time::Instant};
 
-use bulwark::{
-    admission::{decode, encode},
-    admit::Admitter,
-    cache::Cache,
-    config::Config,
-    ledger::Ledger,
-    metrics::Metrics,
-};
+use bulwark::{config::Config, review::wire::decode, serve::http::Endpoint, webhook::Webhook};
 use libfuzzer_sys::fuzz_target;
 
-fn admitter() -> &'static Admitter {
-    static ADMITTER: OnceLock<Admitter> = OnceLock::new();
-    ADMITTER.get_or_init(|| {
-        let config = Arc::new(Config::default());
-        let cache = Arc::new(Cache::new(
-            config.defaults.clone(),
-            config.workflow_labels.clone(),
-        ));
-        let ledger = Arc::new(Ledger::new(config.reservation_ttl, Instant::now()));
-        Admitter::new(config, cache, ledger, Arc::new(Metrics::new()))
-    })
+fn webhook() -> &'static Webhook {
+    static WEBHOOK: OnceLock<Webhook> = OnceLock::new();
+    WEBHOOK.get_or_init(|| Webhook::new(Config::default().webhook, true))
 }
 
 fuzz_target!(|body: &[u8]| {
-    let Ok(review) = decode(body) else {
+    let now = Instant::now();
+    let webhook = webhook();
+    webhook.sweep(now);
+    let Ok((mutated, _)) = webhook.answer(Endpoint::Mutate, body, now) else {
         return;
     };
-    let uid = review.allow().uid;
-    let (mutated, _) = admitter().mutate(&review);
-    let (validated, _) = admitter().validate(&review, Instant::now());
-    for resp in [mutated, validated] {
-        let out = encode(resp);
+    let (validated, _) = webhook
+        .answer(Endpoint::Validate, body, now)
+        .expect("what decodes for one endpoint decodes for the other");
+    let uid = decode(body).expect("it was answered").allow().uid;
+    for out in [mutated, validated] {
         let v: serde_json::Value = serde_json::from_slice(&out).expect("answer is JSON");
         assert_eq!(v["kind"], "AdmissionReview");
         assert_eq!(v["response"]["uid"].as_str(), Some(uid.as_str()));

@@ -495,8 +495,8 @@ async fn drain_one(proto: Proto) {
         .expect("first half");
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let running = server.running.take().expect("running");
-    let shutdown = tokio::spawn(running.shutdown());
+    let started = server.started.take().expect("running");
+    let shutdown = tokio::spawn(started.shutdown());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !shutdown.is_finished(),
@@ -543,7 +543,7 @@ async fn with_a_client_ca_reviews_need_its_client_certificate() {
     std::fs::create_dir_all(&dir).expect("dir");
     let ca_path = dir.join("client-ca.crt");
     std::fs::write(&ca_path, api_ca.cert_pem()).expect("write CA");
-    let client_ca = bulwark::tls::ClientCa::load(&ca_path).expect("load client CA");
+    let client_ca = bulwark::serve::tls::ClientCa::load(&ca_path).expect("load client CA");
     let server = TestServer::start_with(QUIET, Some(client_ca)).await;
     let review = pod_review("uid-mtls", "ci", pod("p", "ci"), false);
 
@@ -578,8 +578,9 @@ async fn with_a_client_ca_reviews_need_its_client_certificate() {
         reply.text()
     );
     let refused = server
-        .app
-        .metrics
+        .webhook
+        .metrics()
+        .admission
         .bad_requests
         .with_label_values(&["validate", "unauthenticated"])
         .get();
@@ -606,19 +607,18 @@ async fn with_a_client_ca_reviews_need_its_client_certificate() {
     // A file without a certificate is a start-up error naming it.
     let empty = dir.join("empty.crt");
     std::fs::write(&empty, "").expect("write");
-    let err = bulwark::tls::ClientCa::load(&empty).expect_err("empty bundle");
+    let err = bulwark::serve::tls::ClientCa::load(&empty).expect_err("empty bundle");
     assert!(err.to_string().contains("empty.crt"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// An AdmissionReview for `object` of `kind`, as a JSON value to be mangled by the cases.
 fn review_of(kind: &str, resource: &str, object: Value) -> Value {
-    let mut r = pod_review("u-hostile", "ci", object, false);
-    r["request"]["kind"]["kind"] = json!(kind);
-    r["request"]["requestKind"]["kind"] = json!(kind);
-    r["request"]["resource"]["resource"] = json!(resource);
-    r["request"]["requestResource"]["resource"] = json!(resource);
-    r
+    bulwark::review::fixtures::Fixture::pod_create()
+        .uid("u-hostile")
+        .kind(kind, resource)
+        .object(object)
+        .into_value()
 }
 
 fn with_resources(resources: Value) -> Value {

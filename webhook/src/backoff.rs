@@ -1,10 +1,29 @@
 //! Exponential back-off with full jitter, for bulwark's own API clients (watch
-//! re-connection). Every replica and every watch draws its own delay, so clients that lost
-//! the API server together do not come back together.
+//! re-connection, writes). Every replica and every watch draws its own delay, so clients that
+//! lost the API server together do not come back together.
 
 use std::time::Duration;
 
-use kube::runtime::utils::Backoff;
+use futures::Stream;
+use kube::{
+    Api, Resource,
+    runtime::{
+        WatchStreamExt,
+        utils::Backoff,
+        watcher::{self, Event},
+    },
+};
+
+/// A watch that resumes after errors with the jittered back-off every bulwark watch uses.
+pub fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl Stream<Item = Result<Event<K>, watcher::Error>> + Send
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher::watcher(api, config).backoff(Jittered::for_watches())
+}
 
 #[derive(Debug, Clone)]
 pub struct Jittered {

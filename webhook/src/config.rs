@@ -1,11 +1,18 @@
-//! `--config`: the cluster-wide defaults and limits, read once at start-up. A bad file is a
-//! start-up error that names the key, so a typo cannot silently change what is enforced.
+//! `--config`: the cluster-wide defaults and limits, read once at start-up. Each section is
+//! parsed by its owner (namespace defaults by `policy`, quotas by `quota`, the node
+//! controller's by `nodes`); a bad file is a start-up error that names the key, so a typo
+//! cannot silently change what is enforced.
 
-use std::{path::Path, time::Duration};
+use std::{collections::BTreeMap, path::Path};
 
 use serde::Deserialize;
 
-use crate::policy::{KNOBS, Policy, ValueError, parse_count};
+use crate::{
+    nodes,
+    policy::{KNOBS, Policy, pod::PodRules},
+    quota, review,
+    value::{Invalid, Scalar},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -25,83 +32,20 @@ pub enum ConfigError {
     },
 }
 
-/// Cluster-wide cap on pods not yet running, across all namespaces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClusterLimits {
-    pub max_pending_pods: Option<u32>,
-    /// Scales the cap with the healthy, schedulable nodes the cache sees.
-    pub pending_per_healthy_node: Option<u32>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Config {
-    pub defaults: Policy,
-    pub cluster: ClusterLimits,
-    pub exempt_namespaces: Vec<String>,
-    pub workflow_labels: Vec<String>,
-    /// Percentage of `max-pending-pods` only pods of already started workflows may use.
-    pub workflow_reserved_percent: u8,
-    /// How long an admission is counted before the watch shows its pod.
-    pub reservation_ttl: Duration,
-    /// Upper bound of `retryAfterSeconds`, before jitter.
-    pub max_retry_after: Duration,
-    /// How long a watch may fail before pod-count quotas stop being enforced (fail open).
-    pub cache_stale_limit: Duration,
+    /// `bulwark webhook`'s settings.
+    pub webhook: review::Settings,
     /// `bulwark node-controller`'s settings.
-    pub node_controller: crate::nodes::Settings,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            defaults: Policy::default(),
-            cluster: ClusterLimits {
-                max_pending_pods: Some(5000),
-                pending_per_healthy_node: Some(30),
-            },
-            exempt_namespaces: vec!["kube-system".into(), "bulwark-system".into()],
-            workflow_labels: vec![
-                "workflows.argoproj.io/workflow".into(),
-                "bulwark.io/workflow".into(),
-            ],
-            workflow_reserved_percent: 20,
-            reservation_ttl: Duration::from_secs(30),
-            max_retry_after: Duration::from_secs(30),
-            cache_stale_limit: Duration::from_secs(120),
-            node_controller: crate::nodes::Settings::default(),
-        }
-    }
-}
-
-/// A YAML scalar as written; every knob is parsed from its text so that config and
-/// annotations share one parser and one set of error messages.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Scalar {
-    Int(i64),
-    Float(f64),
-    Bool(bool),
-    Str(String),
-}
-
-impl Scalar {
-    fn text(&self) -> String {
-        match self {
-            Scalar::Int(i) => i.to_string(),
-            Scalar::Float(f) => f.to_string(),
-            Scalar::Bool(b) => b.to_string(),
-            Scalar::Str(s) => s.clone(),
-        }
-    }
+    pub node_controller: nodes::Settings,
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawConfig {
     #[serde(default)]
-    defaults: std::collections::BTreeMap<String, Scalar>,
-    #[serde(default)]
-    cluster: RawCluster,
+    defaults: BTreeMap<String, Scalar>,
+    cluster: Option<quota::RawCluster>,
     exempt_namespaces: Option<Vec<String>>,
     workflow_labels: Option<Vec<String>>,
     workflow_reserved_share: Option<Scalar>,
@@ -109,30 +53,27 @@ struct RawConfig {
     max_retry_after_seconds: Option<Scalar>,
     cache_stale_limit_seconds: Option<Scalar>,
     #[serde(default)]
-    node_controller: RawNodeController,
+    node_controller: nodes::config::RawSettings,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawNodeController {
-    grace: Option<Scalar>,
-    remove_after: Option<Scalar>,
-    recover_after: Option<Scalar>,
-    lease_stale_after: Option<Scalar>,
-    storm_cooldown: Option<Scalar>,
-    removal_interval: Option<Scalar>,
-    max_unhealthy: Option<Scalar>,
-    extra_conditions: Option<Vec<String>>,
-    removal: Option<Scalar>,
-    removal_command: Option<Vec<String>>,
-    max_pods_per_node: Option<Scalar>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawCluster {
-    max_pending_pods: Option<Scalar>,
-    pending_per_healthy_node: Option<Scalar>,
+/// The `defaults:` block: each key is a namespace knob, parsed as its annotation is.
+fn parse_defaults(raw: &BTreeMap<String, Scalar>) -> Result<Policy, Invalid> {
+    let mut policy = Policy::default();
+    for (key, value) in raw {
+        let path = format!("defaults.{key}");
+        let Some((knob, _, _)) = KNOBS.iter().find(|(_, _, k)| k == key) else {
+            let known: Vec<&str> = KNOBS.iter().map(|(_, _, k)| *k).collect();
+            return Err(Invalid::new(
+                path,
+                value,
+                format!("unknown key; known keys: {}", known.join(", ")),
+            ));
+        };
+        policy
+            .set(*knob, &value.text())
+            .map_err(|e| Invalid::new(path, value, e.to_string()))?;
+    }
+    Ok(policy)
 }
 
 impl Config {
@@ -155,179 +96,44 @@ impl Config {
                 message: e.to_string(),
             })?
         };
-        let bad = |key: &str, value: &Scalar, reason: String| ConfigError::Value {
+        Config::from_raw(raw).map_err(|i| ConfigError::Value {
             path: origin.to_owned(),
-            key: key.to_owned(),
-            value: value.text(),
-            reason,
-        };
-        let mut config = Config::default();
-        for (key, value) in &raw.defaults {
-            let Some((knob, _, _)) = KNOBS.iter().find(|(_, _, k)| k == key) else {
-                let known: Vec<&str> = KNOBS.iter().map(|(_, _, k)| *k).collect();
-                return Err(bad(
-                    &format!("defaults.{key}"),
-                    value,
-                    format!("unknown key; known keys: {}", known.join(", ")),
-                ));
-            };
-            config
-                .defaults
-                .set(*knob, &value.text())
-                .map_err(|e| bad(&format!("defaults.{key}"), value, e.to_string()))?;
-        }
-        let count = |key: &str, value: &Option<Scalar>, current: Option<u32>| match value {
-            None => Ok(current),
-            Some(v) => parse_count(&v.text()).map_err(|e: ValueError| bad(key, v, e.to_string())),
-        };
-        config.cluster.max_pending_pods = count(
-            "cluster.maxPendingPods",
-            &raw.cluster.max_pending_pods,
-            config.cluster.max_pending_pods,
-        )?;
-        config.cluster.pending_per_healthy_node = count(
-            "cluster.pendingPerHealthyNode",
-            &raw.cluster.pending_per_healthy_node,
-            config.cluster.pending_per_healthy_node,
-        )?;
+            key: i.key,
+            value: i.value,
+            reason: i.reason,
+        })
+    }
+
+    fn from_raw(raw: RawConfig) -> Result<Config, Invalid> {
+        let mut pods = PodRules::default();
         if let Some(ns) = raw.exempt_namespaces {
-            config.exempt_namespaces = ns;
+            pods.exempt_namespaces = ns;
         }
         if let Some(labels) = raw.workflow_labels {
-            config.workflow_labels = labels;
+            pods.workflow_labels = labels;
         }
-        if let Some(v) = &raw.workflow_reserved_share {
-            let text = v.text();
-            config.workflow_reserved_percent = text
-                .trim()
-                .trim_end_matches('%')
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= 100)
-                .ok_or_else(|| {
-                    bad(
-                        "workflowReservedShare",
-                        v,
-                        "expected a percentage from 0% to 100%".into(),
-                    )
-                })?;
-        }
-        let seconds = |key: &str, value: &Scalar, min: u64| {
-            value
-                .text()
-                .trim()
-                .parse::<u64>()
-                .ok()
-                .filter(|s| (min..=3600).contains(s))
-                .map(Duration::from_secs)
-                .ok_or_else(|| {
-                    bad(
-                        key,
-                        value,
-                        format!("expected whole seconds from {min} to 3600"),
-                    )
-                })
-        };
-        if let Some(v) = &raw.reservation_ttl_seconds {
-            config.reservation_ttl = seconds("reservationTtlSeconds", v, 1)?;
-        }
-        if let Some(v) = &raw.max_retry_after_seconds {
-            config.max_retry_after = seconds("maxRetryAfterSeconds", v, 1)?;
-        }
-        if let Some(v) = &raw.cache_stale_limit_seconds {
-            config.cache_stale_limit = seconds("cacheStaleLimitSeconds", v, 5)?;
-        }
-        parse_node_controller(&raw.node_controller, &mut config.node_controller, &bad)?;
-        Ok(config)
+        let quota = quota::Settings::parse(&quota::RawSettings {
+            cluster: raw.cluster.as_ref(),
+            workflow_reserved_share: raw.workflow_reserved_share.as_ref(),
+            reservation_ttl_seconds: raw.reservation_ttl_seconds.as_ref(),
+            max_retry_after_seconds: raw.max_retry_after_seconds.as_ref(),
+            cache_stale_limit_seconds: raw.cache_stale_limit_seconds.as_ref(),
+        })?;
+        Ok(Config {
+            webhook: review::Settings {
+                defaults: parse_defaults(&raw.defaults)?,
+                pods,
+                quota,
+            },
+            node_controller: nodes::Settings::parse(&raw.node_controller)?,
+        })
     }
-
-    pub fn is_exempt_namespace(&self, namespace: &str) -> bool {
-        self.exempt_namespaces.iter().any(|n| n == namespace)
-    }
-}
-
-fn parse_node_controller(
-    raw: &RawNodeController,
-    s: &mut crate::nodes::Settings,
-    bad: &dyn Fn(&str, &Scalar, String) -> ConfigError,
-) -> Result<(), ConfigError> {
-    use crate::nodes::{Removal, parse_duration, parse_max_unhealthy};
-    let duration = |key: &str, value: &Option<Scalar>, into: &mut Duration| {
-        if let Some(v) = value {
-            *into = parse_duration(&v.text())
-                .map_err(|e| bad(&format!("nodeController.{key}"), v, e))?;
-        }
-        Ok::<(), ConfigError>(())
-    };
-    let t = &mut s.timing;
-    duration("grace", &raw.grace, &mut t.grace)?;
-    duration("removeAfter", &raw.remove_after, &mut t.remove_after)?;
-    duration("recoverAfter", &raw.recover_after, &mut t.recover_after)?;
-    duration("stormCooldown", &raw.storm_cooldown, &mut t.storm_cooldown)?;
-    duration(
-        "removalInterval",
-        &raw.removal_interval,
-        &mut t.removal_interval,
-    )?;
-    duration(
-        "leaseStaleAfter",
-        &raw.lease_stale_after,
-        &mut s.signals.lease_stale_after,
-    )?;
-    if let Some(v) = &raw.max_unhealthy {
-        t.max_unhealthy =
-            parse_max_unhealthy(&v.text()).map_err(|e| bad("nodeController.maxUnhealthy", v, e))?;
-    }
-    if let Some(extra) = &raw.extra_conditions {
-        for c in extra {
-            if !s.signals.conditions.contains(c) {
-                s.signals.conditions.push(c.clone());
-            }
-        }
-    }
-    if let Some(v) = &raw.max_pods_per_node {
-        s.max_pods_per_node = v
-            .text()
-            .trim()
-            .parse::<u32>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| {
-                bad(
-                    "nodeController.maxPodsPerNode",
-                    v,
-                    "expected a whole number above 0".into(),
-                )
-            })?;
-    }
-    let command = raw.removal_command.clone().unwrap_or_default();
-    if let Some(v) = &raw.removal {
-        s.removal = match v.text().trim() {
-            "annotate" => Removal::Annotate,
-            "delete-node" => Removal::DeleteNode,
-            "cluster-api" => Removal::ClusterApi,
-            "exec" if !command.is_empty() => Removal::Exec(command.clone()),
-            "exec" => {
-                return Err(bad(
-                    "nodeController.removal",
-                    v,
-                    "exec needs nodeController.removalCommand, e.g. [/bin/notify-asg]".into(),
-                ));
-            }
-            _ => {
-                return Err(bad(
-                    "nodeController.removal",
-                    v,
-                    "expected annotate, delete-node, cluster-api or exec".into(),
-                ));
-            }
-        };
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::policy::Mode;
 
@@ -411,19 +217,23 @@ cacheStaleLimitSeconds: 30
             "test.yaml",
         )
         .unwrap();
-        assert_eq!(c.defaults.mode, Mode::Warn);
-        assert_eq!(c.defaults.burst, 20);
-        assert_eq!(c.defaults.max_pods, Some(100));
-        assert_eq!(c.defaults.max_pending_pods, None);
-        assert_eq!(c.cluster.max_pending_pods, Some(1000));
-        assert_eq!(c.cluster.pending_per_healthy_node, Some(20));
-        assert!(c.is_exempt_namespace("infra"));
-        assert!(!c.is_exempt_namespace("bulwark-system"));
-        assert_eq!(c.workflow_labels, vec!["app.example.com/run".to_string()]);
-        assert_eq!(c.workflow_reserved_percent, 25);
-        assert_eq!(c.reservation_ttl, Duration::from_secs(10));
-        assert_eq!(c.max_retry_after, Duration::from_secs(60));
-        assert_eq!(c.cache_stale_limit, Duration::from_secs(30));
+        let (d, q, pods) = (&c.webhook.defaults, &c.webhook.quota, &c.webhook.pods);
+        assert_eq!(d.mode, Mode::Warn);
+        assert_eq!(d.burst, 20);
+        assert_eq!(d.max_pods, Some(100));
+        assert_eq!(d.max_pending_pods, None);
+        assert_eq!(q.cluster.max_pending_pods, Some(1000));
+        assert_eq!(q.cluster.pending_per_healthy_node, Some(20));
+        assert!(pods.is_exempt_namespace("infra"));
+        assert!(!pods.is_exempt_namespace("bulwark-system"));
+        assert_eq!(
+            pods.workflow_labels,
+            vec!["app.example.com/run".to_string()]
+        );
+        assert_eq!(q.workflow_reserved_percent, 25);
+        assert_eq!(q.reservation_ttl, Duration::from_secs(10));
+        assert_eq!(q.max_retry_after, Duration::from_secs(60));
+        assert_eq!(q.cache_stale_limit, Duration::from_secs(30));
     }
 
     #[test]

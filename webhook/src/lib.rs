@@ -1,25 +1,30 @@
 //! bulwark: an admission webhook that defaults pod resources and paces pod creation per
-//! namespace, so bursts of batch and CI work cannot overwhelm the control plane or nodes.
+//! namespace, so bursts of batch and CI work cannot overwhelm the control plane or nodes, and
+//! a node controller that takes unhealthy nodes out of service.
+//!
+//! The webhook's flow, top to bottom (a module imports only those below it):
+//!
+//! ```text
+//! webhook   the library entry: wires and starts everything `bulwark webhook` runs
+//! serve     HTTPS routes, connections, TLS, self-managed certificates
+//! review    AdmissionReview wire format, the defaults patch, the two webhooks' answers
+//! quota     rate and count decisions, the ledger, and the ClusterView port they read
+//! cluster   watch caches behind that port (the arrow points up: it implements the port)
+//! policy    namespace policy from annotations, quantities, pod facts
+//! ```
+//!
+//! Beside the flow: `nodes` (the node controller), `config` (the `--config` file, each section
+//! parsed by its owner), and the leaves `metrics`, `backoff` and `value`. See
+//! docs/architecture.md.
 
-pub mod admission;
-pub mod admit;
 pub mod backoff;
-pub mod cache;
-pub mod certs;
+pub mod cluster;
 pub mod config;
-pub mod defaults;
-pub mod jitter;
-pub mod ledger;
 pub mod metrics;
 pub mod nodes;
-pub mod peers;
-pub mod pod;
 pub mod policy;
-pub mod quantity;
 pub mod quota;
-pub mod rate;
-pub mod server;
-pub mod staleness;
-pub mod tls;
-pub mod waiting;
-pub mod watch;
+pub mod review;
+pub mod serve;
+pub mod value;
+pub mod webhook;

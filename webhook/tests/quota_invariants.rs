@@ -10,11 +10,14 @@ use std::{
 };
 
 use bulwark::{
-    cache::{Cache, ClusterView, PodEntry, PodState},
-    config::ClusterLimits,
-    ledger::{Commit, Ledger, Limits},
+    cluster::cache::{Cache, PodEntry, PodState},
     policy::Policy,
-    quota::Ask,
+    quota::{
+        ClusterLimits,
+        decide::{Ask, Limits},
+        ledger::{Commit, Ledger, Request},
+        view::ClusterView,
+    },
 };
 use proptest::prelude::*;
 
@@ -149,16 +152,16 @@ impl World {
         } else {
             Commit::Enforce
         };
-        let admitted = self.ledger.admit(
-            &self.cache,
-            NAMESPACES[ns],
-            named.then_some(name.as_str()),
-            &self.policy,
+        let request = Request {
+            namespace: NAMESPACES[ns],
+            name: named.then_some(name.as_str()),
+            policy: &self.policy,
             ask,
-            &self.limits,
             commit,
-            self.now,
-        );
+        };
+        let admitted = self
+            .ledger
+            .admit(&self.cache, &request, &self.limits, self.now);
         if admitted.is_ok() && !rejected && !dry_run {
             self.pods.push(RealPod {
                 ns,

@@ -12,14 +12,15 @@ use std::{
 
 use bulwark::{
     config::Config,
-    server::{self, App, Running, ServeOptions},
-    tls::CertStore,
+    review::fixtures::Fixture,
+    serve::tls::ClientCa,
+    webhook::{Certificates, Started, Webhook, WebhookOptions},
 };
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use rustls_pki_types::{CertificateDer, pem::PemObject};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 pub type HttpsClient = Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
@@ -27,12 +28,12 @@ pub type HttpsClient = Client<
 >;
 
 pub struct TestServer {
-    pub running: Option<Running>,
+    pub started: Option<Started>,
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub dir: PathBuf,
     pub ca_pem: String,
-    pub app: Arc<App>,
+    pub webhook: Webhook,
 }
 
 pub fn temp_dir(tag: &str) -> PathBuf {
@@ -66,37 +67,37 @@ impl TestServer {
         TestServer::start_with(config_yaml, None).await
     }
 
-    /// With `client_ca`, reviews need a client certificate it signed (mTLS).
-    pub async fn start_with(
-        config_yaml: &str,
-        client_ca: Option<bulwark::tls::ClientCa>,
-    ) -> TestServer {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+    /// With `client_ca`, reviews need a client certificate it signed (mTLS). Started offline
+    /// through the same entry `bulwark webhook` uses.
+    pub async fn start_with(config_yaml: &str, client_ca: Option<ClientCa>) -> TestServer {
         let dir = temp_dir("server");
         let ca_pem = write_certs(&dir);
         let config = Config::parse(config_yaml, "test config").expect("config");
-        let app = App::new(Arc::new(config), true);
-        let certs = CertStore::load(dir.join("tls.crt"), dir.join("tls.key")).expect("load certs");
-        let running = server::start(
-            app.clone(),
-            ServeOptions {
-                listen: "127.0.0.1:0".parse().expect("addr"),
-                metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
-                certs,
-                client_ca,
-                reload_interval: Duration::from_millis(50),
-                drain_timeout: Duration::from_secs(5),
+        let started = Webhook::start(WebhookOptions {
+            settings: config.webhook,
+            client: None,
+            own_namespace: None,
+            identity: None,
+            peers_service: None,
+            certificates: Certificates::Files {
+                cert: dir.join("tls.crt"),
+                key: dir.join("tls.key"),
             },
-        )
+            client_ca,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
+            reload_interval: Duration::from_millis(50),
+            drain_timeout: Duration::from_secs(5),
+        })
         .await
         .expect("server starts");
         TestServer {
-            addr: running.addr,
-            metrics_addr: running.metrics_addr.expect("metrics listener"),
-            running: Some(running),
+            addr: started.addr(),
+            metrics_addr: started.metrics_addr().expect("metrics listener"),
+            webhook: started.webhook.clone(),
+            started: Some(started),
             dir,
             ca_pem,
-            app,
         }
     }
 
@@ -244,36 +245,18 @@ pub async fn post(client: &HttpsClient, url: &str, body: &Value) -> Reply {
         .expect("request succeeds")
 }
 
-/// An AdmissionReview for a pod CREATE, as kube-apiserver sends it.
+/// An AdmissionReview for a pod CREATE, as kube-apiserver sends it (tests/data).
 pub fn pod_review(uid: &str, namespace: &str, pod: Value, dry_run: bool) -> Value {
-    json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": uid,
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
-            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": namespace,
-            "operation": "CREATE",
-            "userInfo": {"username": "system:serviceaccount:kube-system:job-controller"},
-            "object": pod,
-            "oldObject": null,
-            "dryRun": dry_run,
-            "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"}
-        }
-    })
+    Fixture::pod_create()
+        .uid(uid)
+        .namespace(namespace)
+        .object(pod)
+        .dry_run(dry_run)
+        .into_value()
 }
 
+/// The pod of the fixture, named `name` in `namespace`.
 pub fn pod(name: &str, namespace: &str) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": {"app": "batch"}},
-        "spec": {
-            "containers": [{"name": "main", "image": "busybox", "command": ["sleep", "5"]}],
-            "restartPolicy": "Never"
-        }
-    })
+    let mut review = Fixture::pod_create().name(name).namespace(namespace);
+    review.object_mut().take()
 }

@@ -29,7 +29,7 @@ pub enum ActionError {
 
 /// What an action came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub enum ActionOutcome {
     Done,
     /// `--dry-run`: only logged and reported.
     DryRun,
@@ -150,25 +150,29 @@ impl Executor {
         &self,
         name: &str,
         change: impl Fn(&mut Node) -> bool,
-    ) -> Result<Outcome, kube::Error> {
+    ) -> Result<ActionOutcome, kube::Error> {
         retrying(|| async {
             let Some(mut node) = self.nodes.get_opt(name).await? else {
-                return Ok(Outcome::Unchanged);
+                return Ok(ActionOutcome::Unchanged);
             };
             if !change(&mut node) {
-                return Ok(Outcome::Unchanged);
+                return Ok(ActionOutcome::Unchanged);
             }
             self.nodes
                 .replace(name, &PostParams::default(), &node)
                 .await?;
-            Ok(Outcome::Done)
+            Ok(ActionOutcome::Done)
         })
         .await
     }
 
-    pub async fn apply(&self, action: &Action, view: &NodeView) -> Result<Outcome, ActionError> {
+    pub async fn apply(
+        &self,
+        action: &Action,
+        view: &NodeView,
+    ) -> Result<ActionOutcome, ActionError> {
         if self.dry_run {
-            return Ok(Outcome::DryRun);
+            return Ok(ActionOutcome::DryRun);
         }
         match action {
             Action::Taint { node, reason } => Ok(self
@@ -197,12 +201,12 @@ impl Executor {
         name: &str,
         reason: &str,
         view: &NodeView,
-    ) -> Result<Outcome, ActionError> {
+    ) -> Result<ActionOutcome, ActionError> {
         // Cluster API: only a Machine that something owns (a MachineSet) gets replaced.
         let machine = match self.removal {
             Removal::ClusterApi => match self.machine_of(name).await? {
                 Ok(m) => Some(m),
-                Err(why) => return Ok(Outcome::Refused(why)),
+                Err(why) => return Ok(ActionOutcome::Refused(why)),
             },
             _ => None,
         };
@@ -223,7 +227,7 @@ impl Executor {
         })
         .await?;
         match &self.removal {
-            Removal::Annotate => Ok(Outcome::Done),
+            Removal::Annotate => Ok(ActionOutcome::Done),
             Removal::DeleteNode => {
                 retrying(|| async {
                     match self.nodes.delete(name, &Default::default()).await {
@@ -233,11 +237,11 @@ impl Executor {
                     }
                 })
                 .await?;
-                Ok(Outcome::Done)
+                Ok(ActionOutcome::Done)
             }
             Removal::ClusterApi => {
                 let Some((api, machine)) = machine else {
-                    return Ok(Outcome::Refused("no Machine".into()));
+                    return Ok(ActionOutcome::Refused("no Machine".into()));
                 };
                 let patch =
                     serde_json::json!({"metadata": {"annotations": {CAPI_DELETE_MACHINE: "yes"}}});
@@ -246,7 +250,7 @@ impl Executor {
                         .await
                 })
                 .await?;
-                Ok(Outcome::Done)
+                Ok(ActionOutcome::Done)
             }
             Removal::Exec(command) => self.exec(command, name, reason, view).await,
         }
@@ -289,7 +293,7 @@ impl Executor {
         name: &str,
         reason: &str,
         view: &NodeView,
-    ) -> Result<Outcome, ActionError> {
+    ) -> Result<ActionOutcome, ActionError> {
         let shown = command.join(" ");
         let fail = |why: String| ActionError::Exec {
             command: shown.clone(),
@@ -313,7 +317,7 @@ impl Executor {
             .map_err(|_| fail("did not finish within 120s".into()))?
             .map_err(|e| fail(e.to_string()))?;
         if out.status.success() {
-            Ok(Outcome::Done)
+            Ok(ActionOutcome::Done)
         } else {
             let stderr = String::from_utf8_lossy(&out.stderr);
             Err(fail(format!("{}: {}", out.status, stderr.trim())))

@@ -3,7 +3,7 @@
 
 use k8s_openapi::api::core::v1::Node;
 
-use crate::quantity::{Cpu, Memory};
+use crate::policy::quantity::{Cpu, Memory};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finding {

@@ -12,7 +12,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use futures::StreamExt;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
 use kube::{
@@ -24,19 +23,16 @@ use kube::{
         watcher,
     },
 };
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-};
 
 use super::{
-    Settings,
-    actions::{Executor, Outcome},
+    NodeView, Settings,
+    actions::{ActionError, ActionOutcome, Executor},
     audit::audit,
     health::view,
     leader::Elector,
-    plan::{Action, Memory, Phase, plan},
+    plan::{Action, Memory, Phase, Plan, plan},
 };
-use crate::backoff::Jittered;
+use crate::{backoff::Jittered, metrics::nodes::NodeMetrics};
 
 const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
 const LEASE_DURATION: Duration = Duration::from_secs(15);
@@ -45,78 +41,12 @@ const RENEW_EVERY: Duration = Duration::from_secs(2);
 const RENEW_DEADLINE: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_secs(1);
 
-pub struct Options {
+pub struct NodeControllerOptions {
     pub settings: Settings,
     pub dry_run: bool,
     pub identity: String,
     pub lease_namespace: String,
     pub lease_name: String,
-}
-
-struct Metrics {
-    registry: Registry,
-    phases: IntGaugeVec,
-    actions: IntCounterVec,
-    hold: IntGauge,
-    leader: IntGauge,
-    findings: IntGaugeVec,
-    signal_to_taint: Histogram,
-}
-
-impl Metrics {
-    fn new() -> prometheus::Result<Self> {
-        let registry = Registry::new_custom(Some("bulwark".into()), None)?;
-        let phases = IntGaugeVec::new(
-            Opts::new("node_phase_nodes", "Nodes per health phase"),
-            &["phase"],
-        )?;
-        let actions = IntCounterVec::new(
-            Opts::new("node_actions_total", "Node remediation actions by outcome"),
-            &["action", "outcome"],
-        )?;
-        let hold = IntGauge::new(
-            "node_remediation_hold",
-            "1 while remediation is held (too many unhealthy nodes, a zone down, cool-down)",
-        )?;
-        let leader = IntGauge::new("node_controller_leader", "1 on the replica that acts")?;
-        let findings = IntGaugeVec::new(
-            Opts::new(
-                "node_audit_findings",
-                "Nodes reported by the protect-nodes audit",
-            ),
-            &["kind"],
-        )?;
-        let signal_to_taint = Histogram::with_opts(
-            HistogramOpts::new(
-                "node_signal_to_taint_seconds",
-                "From the first unhealthy signal to bulwark's taint",
-            )
-            .buckets(vec![
-                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
-            ]),
-        )?;
-        registry.register(Box::new(phases.clone()))?;
-        registry.register(Box::new(actions.clone()))?;
-        registry.register(Box::new(hold.clone()))?;
-        registry.register(Box::new(leader.clone()))?;
-        registry.register(Box::new(findings.clone()))?;
-        registry.register(Box::new(signal_to_taint.clone()))?;
-        Ok(Metrics {
-            registry,
-            phases,
-            actions,
-            hold,
-            leader,
-            findings,
-            signal_to_taint,
-        })
-    }
-
-    fn render(&self) -> String {
-        let mut buf = Vec::new();
-        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    }
 }
 
 /// Starts the store for a resource, fed by a watch that reconnects with jittered back-off.
@@ -146,7 +76,7 @@ where
 }
 
 /// Keeps trying to hold the lease; `leader` says whether this replica may act.
-async fn elect(elector: Arc<Elector>, leader: Arc<AtomicBool>, metrics: Arc<Metrics>) {
+async fn elect(elector: Arc<Elector>, leader: Arc<AtomicBool>, metrics: Arc<NodeMetrics>) {
     let mut renewed = Instant::now();
     loop {
         match elector.round().await {
@@ -173,33 +103,6 @@ async fn elect(elector: Arc<Elector>, leader: Arc<AtomicBool>, metrics: Arc<Metr
         let jitter = Duration::from_millis(fastrand::u64(0..500));
         tokio::time::sleep(RENEW_EVERY + jitter).await;
     }
-}
-
-async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    let router = Router::new()
-        .route(
-            "/metrics",
-            get(|State(m): State<Arc<Metrics>>| async move {
-                (
-                    [(
-                        header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    m.render(),
-                )
-                    .into_response()
-            }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(metrics);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!(error = %e, "metrics server");
-        }
-    });
-    Ok(local)
 }
 
 /// What the leader has already said, so Events are not repeated every second.
@@ -229,13 +132,15 @@ impl Said {
 
 pub async fn run(
     client: Client,
-    opts: Options,
+    opts: NodeControllerOptions,
     metrics_listen: Option<SocketAddr>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new()?);
+    let metrics = Arc::new(NodeMetrics::new());
     if let Some(addr) = metrics_listen {
-        let local = serve_metrics(addr, metrics.clone()).await?;
+        // Served for the life of the process, which ends with the controller.
+        let (local, _) =
+            crate::metrics::serve(addr, metrics.clone(), std::future::pending()).await?;
         tracing::info!(%local, "metrics listening");
     }
     let nodes = store(Api::<Node>::all(client.clone()));
@@ -301,7 +206,7 @@ pub async fn run(
 struct Tick<'a> {
     settings: &'a Settings,
     dry_run: bool,
-    metrics: &'a Metrics,
+    metrics: &'a NodeMetrics,
     recorder: &'a Recorder,
     executor: &'a Executor,
 }
@@ -320,6 +225,7 @@ impl Tick<'_> {
         }
     }
 
+    /// One round: every replica audits (for its metrics); the leader also plans and acts.
     async fn round(
         &self,
         nodes: &Store<Node>,
@@ -338,10 +244,52 @@ impl Tick<'_> {
                 view(n, lease.as_deref(), &self.settings.signals, now)
             })
             .collect();
+        self.audit(&all, leader, said).await;
+        if !leader {
+            return;
+        }
+        let p = plan(&self.settings.timing, &views, mem, now);
+        self.report_phases(&p);
+        let healthy: HashSet<&str> = p
+            .phases
+            .iter()
+            .filter(|(_, ph)| **ph == Phase::Healthy)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        said.forget_healthy(&healthy, "audit:");
+        let find = |name: &str| {
+            all.iter()
+                .find(|n| n.metadata.name.as_deref() == Some(name))
+        };
+        if let Some(hold) = &p.hold {
+            let text = hold.to_string();
+            for name in &p.held {
+                if let Some(node) = find(name)
+                    && said.first(name, &format!("hold:{}", hold.kind()))
+                {
+                    tracing::warn!(node = %name, hold = %text, "remediation held");
+                    self.event(
+                        node,
+                        EventType::Warning,
+                        "RemediationHeld",
+                        format!("not acting on this unhealthy node: {text}"),
+                    )
+                    .await;
+                }
+            }
+        }
+        for action in &p.actions {
+            let name = action.node();
+            if let (Some(node), Some(v)) = (find(name), views.iter().find(|v| v.name == name)) {
+                self.act(action, node, v, now, said).await;
+            }
+        }
+    }
 
-        // Protect-nodes audit: reported once per node and finding.
+    /// Protect-nodes audit: reported once per node and finding.
+    async fn audit(&self, all: &[Arc<Node>], leader: bool, said: &mut Said) {
         self.metrics.findings.reset();
-        for node in &all {
+        for node in all {
             for finding in audit(node, self.settings.max_pods_per_node) {
                 self.metrics
                     .findings
@@ -360,11 +308,9 @@ impl Tick<'_> {
                 }
             }
         }
-        if !leader {
-            return;
-        }
+    }
 
-        let p = plan(&self.settings.timing, &views, mem, now);
+    fn report_phases(&self, p: &Plan) {
         for phase in Phase::ALL {
             let n = p.phases.values().filter(|x| **x == phase).count();
             self.metrics
@@ -373,131 +319,121 @@ impl Tick<'_> {
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         self.metrics.hold.set(i64::from(p.hold.is_some()));
-        let healthy: HashSet<&str> = p
-            .phases
-            .iter()
-            .filter(|(_, ph)| **ph == Phase::Healthy)
-            .map(|(n, _)| n.as_str())
-            .collect();
-        said.forget_healthy(&healthy, "audit:");
-        let find = |name: &str| {
-            all.iter()
-                .find(|n| n.metadata.name.as_deref() == Some(name))
+    }
+
+    /// Carries out one action (unless it failed recently) and reports it.
+    async fn act(
+        &self,
+        action: &Action,
+        node: &Node,
+        v: &NodeView,
+        now: SystemTime,
+        said: &mut Said,
+    ) {
+        let name = action.node();
+        if self.dry_run && !said.first(name, &format!("dry-run:{}", action.kind())) {
+            return;
+        }
+        if said
+            .failed
+            .get(name)
+            .is_some_and(|until| Instant::now() < *until)
+        {
+            return;
+        }
+        let outcome = self.executor.apply(action, v).await;
+        if outcome.is_err() {
+            said.failed
+                .insert(name.to_owned(), Instant::now() + RETRY_FAILED_AFTER);
+        } else {
+            said.failed.remove(name);
+        }
+        let label = match &outcome {
+            Ok(ActionOutcome::Done) => "done",
+            Ok(ActionOutcome::DryRun) => "dry_run",
+            Ok(ActionOutcome::Unchanged) => "unchanged",
+            Ok(ActionOutcome::Refused(_)) => "refused",
+            Err(_) => "error",
         };
-
-        if let Some(hold) = &p.hold {
-            let text = hold.to_string();
-            for name in &p.held {
-                if let Some(node) = find(name)
-                    && said.first(name, &format!("hold:{}", hold.kind()))
-                {
-                    tracing::warn!(node = %name, hold = %text, "remediation held");
-                    self.event(
-                        node,
-                        EventType::Warning,
-                        "RemediationHeld",
-                        format!("not acting on this unhealthy node: {text}"),
-                    )
-                    .await;
-                }
-            }
+        self.metrics
+            .actions
+            .with_label_values(&[action.kind(), label])
+            .inc();
+        if let (Ok(ActionOutcome::Done | ActionOutcome::DryRun), Action::Taint { .. }) =
+            (&outcome, action)
+            && let Some(since) = v.unhealthy_since()
+        {
+            let took = now.duration_since(since).unwrap_or_default();
+            self.metrics.signal_to_taint.observe(took.as_secs_f64());
         }
+        let Some((reason, note, kind)) = self.report(action, &outcome, said) else {
+            return;
+        };
+        let note = if self.dry_run {
+            format!("dry run, nothing changed: would have {note}")
+        } else {
+            note
+        };
+        tracing::info!(
+            node = name,
+            action = action.kind(),
+            outcome = label,
+            "{note}"
+        );
+        self.event(node, kind, reason, note).await;
+    }
 
-        for action in &p.actions {
-            let name = action.node();
-            let (Some(node), Some(v)) = (find(name), views.iter().find(|v| v.name == name)) else {
-                continue;
-            };
-            if self.dry_run && !said.first(name, &format!("dry-run:{}", action.kind())) {
-                continue;
-            }
-            if said
-                .failed
-                .get(name)
-                .is_some_and(|until| Instant::now() < *until)
-            {
-                continue;
-            }
-            let outcome = self.executor.apply(action, v).await;
-            if outcome.is_err() {
-                said.failed
-                    .insert(name.to_owned(), Instant::now() + RETRY_FAILED_AFTER);
-            } else {
-                said.failed.remove(name);
-            }
-            let label = match &outcome {
-                Ok(Outcome::Done) => "done",
-                Ok(Outcome::DryRun) => "dry_run",
-                Ok(Outcome::Unchanged) => "unchanged",
-                Ok(Outcome::Refused(_)) => "refused",
-                Err(_) => "error",
-            };
-            self.metrics
-                .actions
-                .with_label_values(&[action.kind(), label])
-                .inc();
-            let (reason, note, kind) = match (&outcome, action) {
-                (Ok(Outcome::Done | Outcome::DryRun), Action::Taint { reason, .. }) => {
-                    if let Some(since) = v.unhealthy_since() {
-                        let took = now.duration_since(since).unwrap_or_default();
-                        self.metrics.signal_to_taint.observe(took.as_secs_f64());
-                    }
-                    (
-                        "Tainted",
-                        format!(
-                            "unhealthy ({reason}) for longer than {}s: tainted {}={reason}:NoSchedule",
-                            self.settings.timing.grace.as_secs(),
-                            super::UNHEALTHY_TAINT
-                        ),
-                        EventType::Warning,
-                    )
+    /// The Event an action's outcome gets, if any.
+    fn report(
+        &self,
+        action: &Action,
+        outcome: &Result<ActionOutcome, ActionError>,
+        said: &mut Said,
+    ) -> Option<(&'static str, String, EventType)> {
+        let timing = &self.settings.timing;
+        Some(match (outcome, action) {
+            (Ok(ActionOutcome::Done | ActionOutcome::DryRun), Action::Taint { reason, .. }) => (
+                "Tainted",
+                format!(
+                    "unhealthy ({reason}) for longer than {}s: tainted {}={reason}:NoSchedule",
+                    timing.grace.as_secs(),
+                    super::UNHEALTHY_TAINT
+                ),
+                EventType::Warning,
+            ),
+            (Ok(ActionOutcome::Done | ActionOutcome::DryRun), Action::Remove { reason, .. }) => (
+                "MarkedForRemoval",
+                format!(
+                    "still unhealthy ({reason}) {}s after the taint: marked for removal (action {})",
+                    timing.remove_after.as_secs(),
+                    self.settings.removal.name()
+                ),
+                EventType::Warning,
+            ),
+            (Ok(ActionOutcome::Done | ActionOutcome::DryRun), Action::Restore { .. }) => (
+                "Recovered",
+                format!(
+                    "healthy for {}s: bulwark's taints and mark removed",
+                    timing.recover_after.as_secs()
+                ),
+                EventType::Normal,
+            ),
+            (Ok(ActionOutcome::Unchanged), _) => return None,
+            (Ok(ActionOutcome::Refused(why)), _) => {
+                if !said.first(action.node(), &format!("refused:{}", action.kind())) {
+                    return None;
                 }
-                (Ok(Outcome::Done | Outcome::DryRun), Action::Remove { reason, .. }) => (
-                    "MarkedForRemoval",
-                    format!(
-                        "still unhealthy ({reason}) {}s after the taint: marked for removal (action {})",
-                        self.settings.timing.remove_after.as_secs(),
-                        self.settings.removal.name()
-                    ),
+                (
+                    "RemediationRefused",
+                    format!("not removing: {why}"),
                     EventType::Warning,
-                ),
-                (Ok(Outcome::Done | Outcome::DryRun), Action::Restore { .. }) => (
-                    "Recovered",
-                    format!(
-                        "healthy for {}s: bulwark's taints and mark removed",
-                        self.settings.timing.recover_after.as_secs()
-                    ),
-                    EventType::Normal,
-                ),
-                (Ok(Outcome::Unchanged), _) => continue,
-                (Ok(Outcome::Refused(why)), _) => {
-                    if !said.first(name, &format!("refused:{}", action.kind())) {
-                        continue;
-                    }
-                    (
-                        "RemediationRefused",
-                        format!("not removing: {why}"),
-                        EventType::Warning,
-                    )
-                }
-                (Err(e), _) => (
-                    "RemediationFailed",
-                    format!("{} failed: {e}", action.kind()),
-                    EventType::Warning,
-                ),
-            };
-            let note = if self.dry_run {
-                format!("dry run, nothing changed: would have {note}")
-            } else {
-                note
-            };
-            tracing::info!(
-                node = name,
-                action = action.kind(),
-                outcome = label,
-                "{note}"
-            );
-            self.event(node, kind, reason, note).await;
-        }
+                )
+            }
+            (Err(e), _) => (
+                "RemediationFailed",
+                format!("{} failed: {e}", action.kind()),
+                EventType::Warning,
+            ),
+        })
     }
 }

@@ -3,10 +3,11 @@
 //!
 //! `health` reads signals from Nodes and Leases, `plan` is the state machine and its safety
 //! rules (both pure), `actions` carries a plan out against the API server, `leader` elects one
-//! acting replica, `controller` ties them to the watches.
+//! acting replica, `controller` ties them to the watches; `config` parses its settings.
 
 pub mod actions;
 pub mod audit;
+pub mod config;
 pub mod controller;
 pub mod health;
 pub mod leader;

@@ -24,10 +24,14 @@ use kube::{
 };
 
 use super::{
-    CA_STAGED_ANNOTATION, Plan, ROTATE_ANNOTATION, ROTATE_CA_ANNOTATION, ROTATED_ANNOTATION,
-    ROTATED_CA_ANNOTATION, Stored, Wanted, plan,
+    CA_STAGED_ANNOTATION, ROTATE_ANNOTATION, ROTATE_CA_ANNOTATION, ROTATED_ANNOTATION,
+    ROTATED_CA_ANNOTATION, SecretPlan, Stored, Wanted, plan,
 };
-use crate::{backoff::Jittered, metrics::Metrics, tls::CertStore, tls::TlsError};
+use crate::{
+    backoff::Jittered,
+    metrics::webhook::TlsMetrics,
+    serve::tls::{CertStore, TlsError},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -43,7 +47,7 @@ pub enum SyncError {
 
 /// Where the certificate lives and what it must be.
 #[derive(Debug, Clone)]
-pub struct Options {
+pub struct ManagedOptions {
     pub namespace: String,
     pub secret: String,
     /// The Mutating- and ValidatingWebhookConfiguration whose caBundle bulwark keeps current.
@@ -51,7 +55,7 @@ pub struct Options {
     pub wanted: Wanted,
 }
 
-impl Options {
+impl ManagedOptions {
     fn secret_ref(&self) -> String {
         format!("{}/{}", self.namespace, self.secret)
     }
@@ -123,8 +127,8 @@ impl Stored {
 /// the winner's certificate good, keeps it.
 async fn settle(
     api: &Api<Secret>,
-    opts: &Options,
-    metrics: &Metrics,
+    opts: &ManagedOptions,
+    metrics: &TlsMetrics,
 ) -> Result<(Stored, SystemTime), SyncError> {
     let api_err = |source| SyncError::Api {
         secret: opts.secret_ref(),
@@ -134,11 +138,11 @@ async fn settle(
         let current = api.get_opt(&opts.secret).await.map_err(api_err)?;
         let stored = current.as_ref().map(Stored::from_secret);
         let (next, why) = match plan(stored.as_ref(), &opts.wanted, SystemTime::now())? {
-            Plan::Keep { recheck_at } => match stored {
+            SecretPlan::Keep { recheck_at } => match stored {
                 Some(s) => return Ok((s, recheck_at)),
                 None => continue,
             },
-            Plan::Write { next, why } => (next, why),
+            SecretPlan::Write { next, why } => (next, why),
         };
         let result = match current {
             None => {
@@ -263,10 +267,10 @@ pub const CONFIGURATION_KINDS: [&str; 2] = [
 /// missing or failed, so the caller looks again soon.
 async fn publish(
     client: &Client,
-    opts: &Options,
+    opts: &ManagedOptions,
     stored: &Stored,
     store: &CertStore,
-    metrics: &Metrics,
+    metrics: &TlsMetrics,
 ) -> bool {
     match store.replace(&stored.cert, &stored.key) {
         Ok(true) => tracing::info!(secret = %opts.secret_ref(), "serving certificate rotated"),
@@ -317,8 +321,8 @@ const START_ATTEMPTS: u32 = 6;
 /// Settles the Secret, loads its certificate and keeps everything current in the background.
 pub async fn start(
     client: Client,
-    opts: Options,
-    metrics: Arc<Metrics>,
+    opts: ManagedOptions,
+    metrics: TlsMetrics,
 ) -> Result<Arc<CertStore>, SyncError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), &opts.namespace);
     let mut backoff = Jittered::new(Duration::from_millis(500), Duration::from_secs(8));
@@ -367,7 +371,7 @@ where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    crate::watch::stream(api, config)
+    crate::backoff::watch(api, config)
         .map(move |event| event.map(|_| ()).map_err(|e| (what, e)))
         .boxed()
 }
@@ -377,9 +381,9 @@ where
 async fn keep_current(
     client: Client,
     api: Api<Secret>,
-    opts: Options,
+    opts: ManagedOptions,
     store: Arc<CertStore>,
-    metrics: Arc<Metrics>,
+    metrics: TlsMetrics,
     mut next: SystemTime,
 ) {
     // The Secret (another replica's write, `bulwark certs rotate`) and the two configurations

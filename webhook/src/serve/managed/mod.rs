@@ -89,7 +89,7 @@ impl Why {
 }
 
 #[derive(Debug)]
-pub enum Plan {
+pub enum SecretPlan {
     /// The Secret is right; look again at `recheck_at` at the latest.
     Keep {
         recheck_at: SystemTime,
@@ -137,8 +137,12 @@ fn fresh(wanted: &Wanted, requests: (Option<String>, Option<String>)) -> Result<
 }
 
 /// Decides what the Secret should hold at `now`, generating what is new.
-pub fn plan(stored: Option<&Stored>, wanted: &Wanted, now: SystemTime) -> Result<Plan, CertError> {
-    let write = |next: Stored, why| Plan::Write {
+pub fn plan(
+    stored: Option<&Stored>,
+    wanted: &Wanted,
+    now: SystemTime,
+) -> Result<SecretPlan, CertError> {
+    let write = |next: Stored, why| SecretPlan::Write {
         next: Box::new(next),
         why,
     };
@@ -159,7 +163,7 @@ pub fn plan(stored: Option<&Stored>, wanted: &Wanted, now: SystemTime) -> Result
             return Ok(write(fresh(wanted, requests)?, Why::CaUnusable));
         }
     };
-    let issue = |why| -> Result<Plan, CertError> {
+    let issue = |why| -> Result<SecretPlan, CertError> {
         let Pair { cert_pem, key_pem } = ca.server(&wanted.dns_names, &wanted.ips)?;
         Ok(write(
             Stored {
@@ -178,7 +182,7 @@ pub fn plan(stored: Option<&Stored>, wanted: &Wanted, now: SystemTime) -> Result
         return if now >= due {
             issue(Why::ServingFromNewCa)
         } else {
-            Ok(Plan::Keep { recheck_at: due })
+            Ok(SecretPlan::Keep { recheck_at: due })
         };
     }
     let ca_requested = s.rotate_ca.is_some() && s.rotate_ca != s.rotated_ca;
@@ -220,7 +224,7 @@ pub fn plan(stored: Option<&Stored>, wanted: &Wanted, now: SystemTime) -> Result
     if now >= serving.renew_at() {
         return issue(Why::ServingDue);
     }
-    Ok(Plan::Keep {
+    Ok(SecretPlan::Keep {
         recheck_at: serving.renew_at().min(ca_facts.renew_at()),
     })
 }
@@ -242,17 +246,17 @@ mod tests {
         }
     }
 
-    fn written(p: Plan) -> (Stored, Why) {
+    fn written(p: SecretPlan) -> (Stored, Why) {
         match p {
-            Plan::Write { next, why } => (*next, why),
-            Plan::Keep { .. } => panic!("expected a write, got {p:?}"),
+            SecretPlan::Write { next, why } => (*next, why),
+            SecretPlan::Keep { .. } => panic!("expected a write, got {p:?}"),
         }
     }
 
-    fn kept(p: Plan) -> SystemTime {
+    fn kept(p: SecretPlan) -> SystemTime {
         match p {
-            Plan::Keep { recheck_at } => recheck_at,
-            Plan::Write { why, .. } => panic!("expected keep, got a write for {why:?}"),
+            SecretPlan::Keep { recheck_at } => recheck_at,
+            SecretPlan::Write { why, .. } => panic!("expected keep, got a write for {why:?}"),
         }
     }
 

@@ -5,13 +5,14 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
+    time::Instant,
 };
 
-use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::{Api, Client, ResourceExt, runtime::watcher};
 
-use crate::ledger::Ledger;
+use super::index::{self, Index};
+use crate::quota::ledger::Ledger;
 
 /// Ready endpoints across the Service's slices, each address once (an address may appear in
 /// two slices while they are rewritten). An endpoint without conditions counts as ready, as
@@ -34,37 +35,56 @@ pub fn spawn(client: Client, namespace: &str, service: &str, ledger: Arc<Ledger>
     let api: Api<EndpointSlice> = Api::namespaced(client, namespace);
     let config =
         watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
-    let service = service.to_owned();
-    tokio::spawn(async move {
-        let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
-        let mut fresh: BTreeMap<String, EndpointSlice> = BTreeMap::new();
-        let mut events = std::pin::pin!(crate::watch::stream(api, config));
-        while let Some(event) = events.next().await {
-            match event {
-                Ok(watcher::Event::Apply(s)) => {
-                    slices.insert(s.name_any(), s);
-                }
-                Ok(watcher::Event::Delete(s)) => {
-                    slices.remove(&s.name_any());
-                }
-                Ok(watcher::Event::Init) => fresh.clear(),
-                Ok(watcher::Event::InitApply(s)) => {
-                    fresh.insert(s.name_any(), s);
-                    continue;
-                }
-                Ok(watcher::Event::InitDone) => slices = std::mem::take(&mut fresh),
-                Err(e) => {
-                    tracing::warn!(%service, error = %e, "watch of the webhook's EndpointSlices failed; keeping the last replica count");
-                    continue;
-                }
-            }
-            let n = ready_replicas(slices.values());
-            if n.max(1) != ledger.replicas() {
-                tracing::info!(%service, replicas = n, "namespace rates shared among ready replicas");
-            }
-            ledger.set_replicas(n);
+    let replicas = Replicas {
+        service: service.to_owned(),
+        slices: BTreeMap::new(),
+        ledger,
+    };
+    tokio::spawn(index::run(api, config, replicas));
+}
+
+/// The Service's EndpointSlices, by name.
+struct Replicas {
+    service: String,
+    slices: BTreeMap<String, EndpointSlice>,
+    ledger: Arc<Ledger>,
+}
+
+impl Replicas {
+    fn recount(&self) {
+        let n = ready_replicas(self.slices.values());
+        if n.max(1) != self.ledger.replicas() {
+            tracing::info!(service = %self.service, replicas = n, "namespace rates shared among ready replicas");
         }
-    });
+        self.ledger.set_replicas(n);
+    }
+}
+
+impl Index<EndpointSlice> for Replicas {
+    type Listed = EndpointSlice;
+
+    fn apply(&mut self, slice: EndpointSlice, _now: Instant) {
+        self.slices.insert(slice.name_any(), slice);
+        self.recount();
+    }
+
+    fn delete(&mut self, slice: EndpointSlice, _now: Instant) {
+        self.slices.remove(&slice.name_any());
+        self.recount();
+    }
+
+    fn listed(&mut self, slice: EndpointSlice, _now: Instant) -> Option<EndpointSlice> {
+        Some(slice)
+    }
+
+    fn reset(&mut self, listed: Vec<EndpointSlice>, _now: Instant) {
+        self.slices = listed.into_iter().map(|s| (s.name_any(), s)).collect();
+        self.recount();
+    }
+
+    fn failed(&mut self, e: &watcher::Error, _now: Instant) {
+        tracing::warn!(service = %self.service, error = %e, "watch of the webhook's EndpointSlices failed; keeping the last replica count");
+    }
 }
 
 #[cfg(test)]

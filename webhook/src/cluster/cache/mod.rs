@@ -1,8 +1,8 @@
 //! The in-memory view of the cluster that admission decisions read: compact per-pod entries
 //! with per-namespace counters, parsed namespace policies, and the number of schedulable nodes.
 //!
-//! It is fed by the watches in [`crate::watch`] in a cluster, and directly by tests. Admission
-//! reads it through [`ClusterView`] and never calls the API server.
+//! It is fed by the watches in [`super::feeds`] in a cluster, and directly by tests. Admission
+//! reads it through the [`ClusterView`] port and never calls the API server.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -14,188 +14,20 @@ use std::{
 };
 
 use dashmap::DashMap;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
+
+mod pods;
+
+use pods::{DecayingRate, NamespacePods};
+pub use pods::{PodEntry, PodState};
 
 use crate::{
     policy::{Policy, Problem},
-    staleness::{Stale, WatchHealth},
+    quota::{
+        staleness::{Stale, WatchHealth},
+        view::{ClusterView, NamespaceInfo, PodCounts},
+    },
 };
-
-/// What admission needs to know about the cluster, answered from memory.
-pub trait ClusterView: Send + Sync {
-    /// The parsed policy of a namespace the cache knows.
-    fn namespace(&self, name: &str) -> Option<Arc<NamespaceInfo>>;
-    /// Live and pending pods of a namespace, and whether `workflow` already has pods there.
-    fn pod_counts(&self, namespace: &str, workflow: Option<&str>, now: Instant) -> PodCounts;
-    /// Pods not yet running in the whole cluster (DaemonSet and mirror pods left out).
-    fn cluster_pending(&self) -> u64;
-    /// How fast pods leave the pending state cluster-wide, per second.
-    fn cluster_drain_rate(&self, now: Instant) -> f64;
-    /// Healthy, schedulable nodes; `None` while nodes are not watched (offline mode).
-    fn schedulable_nodes(&self) -> Option<u32>;
-    /// The watch that has been failing longest, if for longer than `limit`.
-    fn stale(&self, _limit: Duration, _now: Instant) -> Option<Stale> {
-        None
-    }
-}
-
-/// Counters of one namespace as the watch shows it.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct PodCounts {
-    pub live: u32,
-    pub pending: u32,
-    pub workflow_started: bool,
-    /// Recent rate (per second) at which pods stopped being pending, and stopped being live.
-    pub pending_drain_rate: f64,
-    pub live_drain_rate: f64,
-}
-
-/// A namespace's effective policy and what was wrong with its annotations.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NamespaceInfo {
-    pub policy: Policy,
-    pub problems: Vec<Problem>,
-}
-
-/// What bulwark keeps of a pod: a few bits and the workflow it belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodEntry {
-    pub state: PodState,
-    /// DaemonSet and mirror pods are not held to pending limits.
-    pub pending_exempt: bool,
-    pub workflow: Option<Arc<str>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PodState {
-    /// Not yet running: unscheduled, or scheduled and starting.
-    Pending,
-    Running,
-    /// Succeeded or Failed: holds no quota.
-    Terminal,
-}
-
-impl PodEntry {
-    pub fn from_pod(pod: &Pod, workflow_labels: &[String]) -> PodEntry {
-        let facts = crate::pod::PodFacts::of(pod, workflow_labels);
-        let phase = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.as_deref())
-            .unwrap_or("Pending");
-        let state = match phase {
-            "Succeeded" | "Failed" => PodState::Terminal,
-            "Pending" => PodState::Pending,
-            _ => PodState::Running,
-        };
-        PodEntry {
-            state,
-            pending_exempt: facts.pending_exempt,
-            workflow: facts.workflow.map(Arc::from),
-        }
-    }
-
-    fn live(&self) -> bool {
-        self.state != PodState::Terminal
-    }
-
-    fn counts_pending(&self) -> bool {
-        self.state == PodState::Pending && !self.pending_exempt
-    }
-}
-
-/// An exponentially decaying event rate, for "when will capacity be back".
-#[derive(Debug, Clone, Copy)]
-struct DecayingRate {
-    per_second: f64,
-    at: Option<Instant>,
-}
-
-const RATE_WINDOW_SECS: f64 = 10.0;
-
-impl DecayingRate {
-    const fn new() -> Self {
-        DecayingRate {
-            per_second: 0.0,
-            at: None,
-        }
-    }
-
-    fn decayed(&self, now: Instant) -> f64 {
-        match self.at {
-            None => 0.0,
-            Some(at) => {
-                let dt = now.saturating_duration_since(at).as_secs_f64();
-                self.per_second * (-dt / RATE_WINDOW_SECS).exp()
-            }
-        }
-    }
-
-    fn record(&mut self, now: Instant) {
-        self.per_second = self.decayed(now) + 1.0 / RATE_WINDOW_SECS;
-        self.at = Some(now);
-    }
-}
-
-#[derive(Debug)]
-struct NamespacePods {
-    pods: HashMap<Box<str>, PodEntry>,
-    live: u32,
-    pending: u32,
-    workflows: HashMap<Arc<str>, u32>,
-    pending_drain: DecayingRate,
-    live_drain: DecayingRate,
-}
-
-impl NamespacePods {
-    fn new() -> Self {
-        NamespacePods {
-            pods: HashMap::new(),
-            live: 0,
-            pending: 0,
-            workflows: HashMap::new(),
-            pending_drain: DecayingRate::new(),
-            live_drain: DecayingRate::new(),
-        }
-    }
-
-    /// Adds (`sign` 1) or removes (`sign` -1) an entry's contribution to the counters.
-    fn account(&mut self, entry: &PodEntry, add: bool) {
-        let step = |n: &mut u32| {
-            *n = if add {
-                n.saturating_add(1)
-            } else {
-                n.saturating_sub(1)
-            }
-        };
-        if entry.live() {
-            step(&mut self.live);
-        }
-        if entry.counts_pending() {
-            step(&mut self.pending);
-        }
-        if let Some(wf) = &entry.workflow {
-            if add {
-                *self.workflows.entry(wf.clone()).or_insert(0) += 1;
-            } else if let Some(n) = self.workflows.get_mut(wf) {
-                *n -= 1;
-                if *n == 0 {
-                    self.workflows.remove(wf);
-                }
-            }
-        }
-    }
-
-    /// Shares the workflow string with the namespace's other pods of the same workflow.
-    fn intern(&self, mut entry: PodEntry) -> PodEntry {
-        if let Some(wf) = &entry.workflow
-            && let Some((shared, _)) = self.workflows.get_key_value(wf)
-        {
-            entry.workflow = Some(shared.clone());
-        }
-        entry
-    }
-}
 
 /// The cluster as the watches show it.
 pub struct Cache {
@@ -216,20 +48,20 @@ pub struct Cache {
 
 /// The three watched resources.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resource {
+pub enum Watched {
     Pods = 0,
     Namespaces = 1,
     Nodes = 2,
 }
 
-impl Resource {
-    pub const ALL: [Resource; 3] = [Resource::Pods, Resource::Namespaces, Resource::Nodes];
+impl Watched {
+    pub const ALL: [Watched; 3] = [Watched::Pods, Watched::Namespaces, Watched::Nodes];
 
     pub fn name(self) -> &'static str {
         match self {
-            Resource::Pods => "pods",
-            Resource::Namespaces => "namespaces",
-            Resource::Nodes => "nodes",
+            Watched::Pods => "pods",
+            Watched::Namespaces => "namespaces",
+            Watched::Nodes => "nodes",
         }
     }
 }
@@ -261,33 +93,33 @@ impl Cache {
         &self.defaults
     }
 
-    fn touch(&self, resource: Resource, now: Instant) {
+    fn touch(&self, resource: Watched, now: Instant) {
         *self.last_event[resource as usize]
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(now);
         self.health(resource).delivered();
     }
 
-    fn health(&self, resource: Resource) -> std::sync::MutexGuard<'_, WatchHealth> {
+    fn health(&self, resource: Watched) -> std::sync::MutexGuard<'_, WatchHealth> {
         self.health[resource as usize]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The watch of `resource` (or a retry of it) failed.
-    pub fn watch_failed(&self, resource: Resource, now: Instant) {
+    pub fn watch_failed(&self, resource: Watched, now: Instant) {
         self.health(resource).failed(now);
     }
 
     /// How long the watch of `resource` has been failing; `None` while it works.
-    pub fn broken_for(&self, resource: Resource, now: Instant) -> Option<Duration> {
+    pub fn broken_for(&self, resource: Watched, now: Instant) -> Option<Duration> {
         self.health(resource).broken_for(now)
     }
 
     /// Marks a resource's initial list as complete (or, for a relist, complete again).
-    pub fn mark_synced(&self, resource: Resource, now: Instant) {
+    pub fn mark_synced(&self, resource: Watched, now: Instant) {
         self.synced[resource as usize].store(true, Ordering::Release);
-        if resource == Resource::Nodes {
+        if resource == Watched::Nodes {
             self.nodes_watched.store(true, Ordering::Release);
         }
         self.touch(resource, now);
@@ -298,7 +130,7 @@ impl Cache {
     }
 
     /// Time since the watch of `resource` last delivered anything.
-    pub fn age(&self, resource: Resource, now: Instant) -> Option<Duration> {
+    pub fn age(&self, resource: Watched, now: Instant) -> Option<Duration> {
         self.last_event[resource as usize]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -313,7 +145,7 @@ impl Cache {
 
     /// Records a pod; returns true when the cache did not know it before.
     pub fn apply_pod(&self, namespace: &str, name: &str, entry: PodEntry, now: Instant) -> bool {
-        self.touch(Resource::Pods, now);
+        self.touch(Watched::Pods, now);
         let mut ns = self
             .pods
             .entry(namespace.into())
@@ -339,7 +171,7 @@ impl Cache {
     }
 
     pub fn delete_pod(&self, namespace: &str, name: &str, now: Instant) {
-        self.touch(Resource::Pods, now);
+        self.touch(Watched::Pods, now);
         let Some(mut ns) = self.pods.get_mut(namespace) else {
             return;
         };
@@ -403,7 +235,7 @@ impl Cache {
         }
         self.cluster_live.store(live, Ordering::Relaxed);
         self.cluster_pending.store(pending, Ordering::Relaxed);
-        self.mark_synced(Resource::Pods, now);
+        self.mark_synced(Watched::Pods, now);
         new_pods
     }
 
@@ -441,7 +273,7 @@ impl Cache {
         annotations: Option<&BTreeMap<String, String>>,
         now: Instant,
     ) -> Option<Vec<Problem>> {
-        self.touch(Resource::Namespaces, now);
+        self.touch(Watched::Namespaces, now);
         let (policy, problems) = Policy::from_annotations(&self.defaults, annotations);
         let info = Arc::new(NamespaceInfo { policy, problems });
         let old = self.namespaces.insert(name.into(), info.clone());
@@ -450,14 +282,14 @@ impl Cache {
     }
 
     pub fn delete_namespace(&self, name: &str, now: Instant) {
-        self.touch(Resource::Namespaces, now);
+        self.touch(Watched::Namespaces, now);
         self.namespaces.remove(name);
     }
 
     /// Drops namespaces a relist no longer shows.
     pub fn retain_namespaces(&self, names: &HashSet<String>, now: Instant) {
         self.namespaces.retain(|k, _| names.contains(&**k));
-        self.mark_synced(Resource::Namespaces, now);
+        self.mark_synced(Watched::Namespaces, now);
     }
 
     // --- nodes ---
@@ -466,14 +298,14 @@ impl Cache {
         let Some(name) = node.metadata.name.as_deref() else {
             return;
         };
-        self.touch(Resource::Nodes, now);
+        self.touch(Watched::Nodes, now);
         let ok = node_is_schedulable(node);
         let old = self.nodes.insert(name.into(), ok);
         self.adjust_schedulable(old.unwrap_or(false), ok);
     }
 
     pub fn delete_node(&self, name: &str, now: Instant) {
-        self.touch(Resource::Nodes, now);
+        self.touch(Watched::Nodes, now);
         if let Some((_, ok)) = self.nodes.remove(name) {
             self.adjust_schedulable(ok, false);
         }
@@ -484,7 +316,7 @@ impl Cache {
         let count = self.nodes.iter().filter(|e| *e.value()).count();
         self.schedulable
             .store(u32::try_from(count).unwrap_or(u32::MAX), Ordering::Relaxed);
-        self.mark_synced(Resource::Nodes, now);
+        self.mark_synced(Watched::Nodes, now);
     }
 
     fn adjust_schedulable(&self, before: bool, after: bool) {
@@ -564,7 +396,7 @@ impl ClusterView for Cache {
 
     fn stale(&self, limit: Duration, now: Instant) -> Option<Stale> {
         Stale::pick(
-            Resource::ALL
+            Watched::ALL
                 .into_iter()
                 .filter_map(|r| self.broken_for(r, now).map(|d| (r.name(), d))),
             limit,
@@ -573,106 +405,4 @@ impl ClusterView for Cache {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(state: PodState, workflow: Option<&str>) -> PodEntry {
-        PodEntry {
-            state,
-            pending_exempt: false,
-            workflow: workflow.map(Arc::from),
-        }
-    }
-
-    fn cache() -> Cache {
-        Cache::new(Policy::default(), vec!["bulwark.io/workflow".into()])
-    }
-
-    #[test]
-    fn counts_follow_pod_lifecycle() {
-        let c = cache();
-        let t = Instant::now();
-        assert!(c.apply_pod("ci", "a", entry(PodState::Pending, Some("wf")), t));
-        assert!(c.apply_pod("ci", "b", entry(PodState::Pending, None), t));
-        let n = c.pod_counts("ci", Some("wf"), t);
-        assert_eq!((n.live, n.pending, n.workflow_started), (2, 2, true));
-        assert_eq!(c.cluster_pending(), 2);
-
-        assert!(!c.apply_pod("ci", "a", entry(PodState::Running, Some("wf")), t));
-        let n = c.pod_counts("ci", Some("wf"), t);
-        assert_eq!((n.live, n.pending), (2, 1));
-        assert!(
-            n.pending_drain_rate > 0.0,
-            "a pod started: drain is observed"
-        );
-        assert_eq!(c.cluster_pending(), 1);
-
-        c.apply_pod("ci", "a", entry(PodState::Terminal, Some("wf")), t);
-        let n = c.pod_counts("ci", Some("wf"), t);
-        assert_eq!((n.live, n.pending, n.workflow_started), (1, 1, true));
-        assert_eq!(c.live_pods(), 1);
-
-        c.delete_pod("ci", "a", t);
-        c.delete_pod("ci", "b", t);
-        c.delete_pod("ci", "missing", t);
-        let n = c.pod_counts("ci", Some("wf"), t);
-        assert_eq!((n.live, n.pending, n.workflow_started), (0, 0, false));
-        assert_eq!((c.cluster_pending(), c.live_pods()), (0, 0));
-    }
-
-    #[test]
-    fn daemonset_pods_do_not_count_as_pending() {
-        let c = cache();
-        let t = Instant::now();
-        let mut e = entry(PodState::Pending, None);
-        e.pending_exempt = true;
-        c.apply_pod("ns", "ds-1", e, t);
-        let n = c.pod_counts("ns", None, t);
-        assert_eq!((n.live, n.pending), (1, 0));
-        assert_eq!(c.cluster_pending(), 0);
-    }
-
-    #[test]
-    fn relist_replaces_everything_and_names_new_pods() {
-        let c = cache();
-        let t = Instant::now();
-        c.apply_pod("a", "old", entry(PodState::Pending, None), t);
-        c.apply_pod("b", "gone", entry(PodState::Pending, None), t);
-        let new = c.replace_pods(
-            vec![
-                ("a".into(), "old".into(), entry(PodState::Running, None)),
-                ("a".into(), "new".into(), entry(PodState::Pending, None)),
-            ],
-            t,
-        );
-        assert_eq!(new, vec![("a".to_string(), "new".to_string())]);
-        let n = c.pod_counts("a", None, t);
-        assert_eq!((n.live, n.pending), (2, 1));
-        assert_eq!(c.pod_counts("b", None, t).live, 0);
-        assert_eq!(c.cluster_pending(), 1);
-    }
-
-    #[test]
-    fn namespace_problems_are_reported_once() {
-        let c = cache();
-        let t = Instant::now();
-        let bad: BTreeMap<String, String> =
-            [("bulwark.io/max-pods".to_string(), "many".to_string())].into();
-        assert!(c.apply_namespace("ci", Some(&bad), t).is_some());
-        assert!(c.apply_namespace("ci", Some(&bad), t).is_none(), "resync");
-        assert!(c.apply_namespace("ci", None, t).is_none(), "fixed");
-        assert_eq!(c.namespace("ci").map(|i| i.problems.len()), Some(0));
-    }
-
-    #[test]
-    fn drain_rate_decays() {
-        let mut r = DecayingRate::new();
-        let t = Instant::now();
-        for _ in 0..10 {
-            r.record(t);
-        }
-        let fresh = r.decayed(t);
-        assert!((fresh - 1.0).abs() < 1e-9, "{fresh}");
-        assert!(r.decayed(t + Duration::from_secs(30)) < fresh / 10.0);
-    }
-}
+mod tests;

@@ -1,12 +1,71 @@
-//! The quota decision: policy + counts snapshot + pod -> admit or a refusal a person can act on.
-//! Pure: the caller takes the snapshot under the namespace's ledger lock and commits the result.
+//! The quota decision: policy + counts snapshot + rate state + pod -> admit, or a refusal a
+//! person can act on. Pure: the ledger takes the snapshot under the namespace's lock and
+//! commits the result. The order is the contract's: max-pods, max-pending-pods (with the
+//! workflow share), the cluster cap, then the rate, the only check that consumes anything.
 
 use std::time::Duration;
 
-use crate::{
-    config::ClusterLimits,
-    policy::{MAX_PENDING_PODS, MAX_PODS, POD_RATE, Policy, Rate},
+use super::{
+    ClusterLimits,
+    rate::{self, Nanos},
+    refusal::Refusal,
 };
+use crate::policy::Policy;
+
+/// The cluster-wide knobs a decision needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub cluster: ClusterLimits,
+    pub workflow_reserved_percent: u8,
+    /// False while the caches are too stale to count on: only the rate is enforced.
+    pub count_quotas: bool,
+}
+
+/// A namespace's rate state on this replica, and how many ready replicas share its rate.
+#[derive(Debug, Clone, Copy)]
+pub struct RateState {
+    /// GCRA's theoretical arrival time of the next creation.
+    pub tat: Nanos,
+    pub now: Nanos,
+    pub replicas: u32,
+}
+
+/// One replica's part of a burst: rounded up, so a burst smaller than the number of replicas
+/// still admits one creation per replica.
+pub fn shared_burst(burst: u32, replicas: u32) -> u32 {
+    burst.div_ceil(replicas.max(1)).max(1)
+}
+
+/// Decides one creation. `Ok(Some(tat))`: admitted, and the rate state to store; `Ok(None)`:
+/// admitted by a namespace without a rate.
+pub fn decide(
+    policy: &Policy,
+    limits: &Limits,
+    snap: &Snapshot,
+    ask: Ask<'_>,
+    state: RateState,
+) -> Result<Option<Nanos>, Refusal> {
+    if limits.count_quotas {
+        check_counts(policy, snap, ask, limits.workflow_reserved_percent)?;
+    }
+    let Some(r) = policy.rate else {
+        return Ok(None);
+    };
+    let n = state.replicas;
+    rate::check(
+        state.tat,
+        state.now,
+        r.shared(n),
+        shared_burst(policy.burst, n),
+    )
+    .map(Some)
+    // The refusal names the namespace's whole limit: that is what the user set.
+    .map_err(|wait| Refusal::Rate {
+        rate: r,
+        burst: policy.burst,
+        wait,
+    })
+}
 
 /// What the counters said when the decision was taken; reservations already added in.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -63,105 +122,6 @@ pub fn cluster_cap(limits: &ClusterLimits, schedulable_nodes: Option<u32>) -> Op
 pub struct Ask<'a> {
     pub pending_exempt: bool,
     pub workflow: Option<&'a str>,
-}
-
-/// Why a creation is refused; each names the limit, what was observed, and the knob.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Refusal {
-    Rate {
-        rate: Rate,
-        burst: u32,
-        wait: Duration,
-    },
-    MaxPods {
-        live: u32,
-        limit: u32,
-        expected: Duration,
-    },
-    MaxPending {
-        pending: u32,
-        limit: u32,
-        expected: Duration,
-    },
-    WorkflowShare {
-        pending: u32,
-        limit: u32,
-        reserved: u32,
-        workflow: String,
-        expected: Duration,
-    },
-    ClusterPending {
-        pending: u64,
-        cap: ClusterCap,
-        expected: Duration,
-    },
-}
-
-impl Refusal {
-    /// A bounded label for metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Refusal::Rate { .. } => "rate",
-            Refusal::MaxPods { .. } => "max_pods",
-            Refusal::MaxPending { .. } => "max_pending",
-            Refusal::WorkflowShare { .. } => "workflow_share",
-            Refusal::ClusterPending { .. } => "cluster_pending",
-        }
-    }
-
-    /// How long until capacity is expected back, before jitter.
-    pub fn expected_wait(&self) -> Duration {
-        match self {
-            Refusal::Rate { wait, .. } => *wait,
-            Refusal::MaxPods { expected, .. }
-            | Refusal::MaxPending { expected, .. }
-            | Refusal::WorkflowShare { expected, .. }
-            | Refusal::ClusterPending { expected, .. } => *expected,
-        }
-    }
-
-    /// The message kubectl shows after `admission webhook "..." denied the request: `.
-    pub fn message(&self, namespace: &str, retry_after: u32) -> String {
-        match self {
-            Refusal::Rate { rate, burst, .. } => format!(
-                "namespace {namespace:?} is creating pods faster than its limit of {rate} \
-                 (burst {burst}); retry in {retry_after}s (annotation {POD_RATE})"
-            ),
-            Refusal::MaxPods { live, limit, .. } => format!(
-                "namespace {namespace:?} has {live} live pods, at its limit of {limit}; \
-                 retry in {retry_after}s, when some finish (annotation {MAX_PODS})"
-            ),
-            Refusal::MaxPending { pending, limit, .. } => format!(
-                "namespace {namespace:?} has {pending} pods not yet running, at its limit of \
-                 {limit}; retry in {retry_after}s, when some start (annotation {MAX_PENDING_PODS})"
-            ),
-            Refusal::WorkflowShare {
-                pending,
-                limit,
-                reserved,
-                workflow,
-                ..
-            } => format!(
-                "namespace {namespace:?} has {pending} pods not yet running; the last {reserved} \
-                 of its limit of {limit} are kept for workflows already running, so new workflow \
-                 {workflow} waits; retry in {retry_after}s (annotation {MAX_PENDING_PODS})"
-            ),
-            Refusal::ClusterPending { pending, cap, .. } => {
-                let (basis, knob) = match cap.basis {
-                    CapBasis::Absolute => (String::new(), "cluster.maxPendingPods"),
-                    CapBasis::PerNode { per_node, nodes } => (
-                        format!(" ({per_node} per schedulable node x {nodes} nodes)"),
-                        "cluster.pendingPerHealthyNode",
-                    ),
-                };
-                format!(
-                    "the cluster has {pending} pods not yet running, at its limit of {}{basis}; \
-                     retry in {retry_after}s (bulwark config {knob})",
-                    cap.limit
-                )
-            }
-        }
-    }
 }
 
 /// When nothing has drained recently there is no rate to go by: a short pause lets the
@@ -260,7 +220,6 @@ pub fn cluster_refusal(pending: u64, cap: ClusterCap, drain_rate: f64, waiting: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::parse_rate;
 
     fn policy(max_pods: Option<u32>, max_pending: Option<u32>) -> Policy {
         Policy {
@@ -453,18 +412,5 @@ mod tests {
         };
         let r = check_counts(&p, &stalled, Ask::default(), 0).unwrap_err();
         assert_eq!(r.expected_wait(), NO_DRAIN_PENDING_WAIT);
-    }
-
-    #[test]
-    fn rate_message() {
-        let r = Refusal::Rate {
-            rate: parse_rate("5/s").unwrap().unwrap(),
-            burst: 20,
-            wait: Duration::from_millis(200),
-        };
-        assert_eq!(
-            r.message("ci", 3),
-            "namespace \"ci\" is creating pods faster than its limit of 5/s (burst 20); retry in 3s (annotation bulwark.io/pod-rate)"
-        );
     }
 }

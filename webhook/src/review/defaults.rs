@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     policy::ResourceDefaults,
-    quantity::{Cpu, Memory},
+    policy::quantity::{Cpu, Memory},
 };
 
 pub const DEFAULTED_ANNOTATION: &str = "bulwark.io/defaulted";

@@ -1,9 +1,14 @@
-//! The effective policy of a namespace: its `bulwark.io/*` annotations laid over the cluster
-//! defaults from `--config`. Parsing happens once per namespace change, never per admission.
+//! What bulwark knows before it decides anything: the effective policy of a namespace (its
+//! `bulwark.io/*` annotations laid over the cluster defaults from `--config`), resource
+//! quantities, and the facts of a pod. Parsing happens once per namespace change, never per
+//! admission. The bottom of the flow: it imports nothing else of bulwark's.
+
+pub mod pod;
+pub mod quantity;
 
 use std::{collections::BTreeMap, fmt, time::Duration};
 
-use crate::quantity::{Cpu, Memory, QuantityError};
+use quantity::{Cpu, Memory, QuantityError};
 
 pub const ANNOTATION_PREFIX: &str = "bulwark.io/";
 pub const MODE: &str = "bulwark.io/mode";
@@ -71,12 +76,6 @@ impl Rate {
             ..self
         }
     }
-}
-
-/// One replica's part of a burst: rounded up, so a burst smaller than the number of replicas
-/// still admits one creation per replica.
-pub fn shared_burst(burst: u32, replicas: u32) -> u32 {
-    burst.div_ceil(replicas.max(1)).max(1)
 }
 
 impl fmt::Display for Rate {

@@ -1,26 +1,18 @@
-//! AdmissionReview in and out, with kube-rs's admission types. Everything wrong with a request
-//! body becomes one [`ReviewError`], turned into an HTTP 400 in one place.
+//! AdmissionReview in and out, with kube-rs's admission types. Everything wrong with a review
+//! body becomes one [`ReviewError`]; the server turns it into an HTTP 400.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use axum::{
-    http::{StatusCode, header},
-    response::{IntoResponse, Response},
-};
 use base64::{display::Base64Display, prelude::BASE64_STANDARD};
-use k8s_openapi::{
-    api::core::v1::{Container, Pod, PodSpec, ResourceRequirements},
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
-};
+use k8s_openapi::api::core::v1::Pod;
 use kube::core::{
     DynamicObject, Status,
     admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
     response::StatusDetails,
 };
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// kube-apiserver's own request size limit; an AdmissionReview carries one object.
-pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+use super::lean::LeanPod;
 
 const API_VERSION: &str = "admission.k8s.io/v1";
 const KIND: &str = "AdmissionReview";
@@ -37,14 +29,6 @@ pub enum ReviewError {
     NoRequest,
     #[error("AdmissionReview does not match admission.k8s.io/v1: {0}")]
     Invalid(String),
-    #[error("request body is larger than {MAX_BODY_BYTES} bytes")]
-    TooLarge,
-    #[error("request body was not received within {0} seconds")]
-    BodyTimeout(u64),
-    #[error("reading request body: {0}")]
-    Body(String),
-    #[error("a client certificate signed by the --client-ca is required for reviews")]
-    Unauthenticated,
 }
 
 impl ReviewError {
@@ -55,29 +39,7 @@ impl ReviewError {
             ReviewError::WrongType { .. } => "wrong_type",
             ReviewError::NoRequest => "no_request",
             ReviewError::Invalid(_) => "invalid",
-            ReviewError::TooLarge => "too_large",
-            ReviewError::BodyTimeout(_) => "body_timeout",
-            ReviewError::Body(_) => "body",
-            ReviewError::Unauthenticated => "unauthenticated",
         }
-    }
-}
-
-impl IntoResponse for ReviewError {
-    fn into_response(self) -> Response {
-        let (status, text) = match self {
-            ReviewError::Unauthenticated => (StatusCode::UNAUTHORIZED, format!("{self}\n")),
-            _ => (
-                StatusCode::BAD_REQUEST,
-                format!("bad AdmissionReview: {self}\n"),
-            ),
-        };
-        (
-            status,
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            text,
-        )
-            .into_response()
     }
 }
 
@@ -130,109 +92,6 @@ fn check_type(types: &kube::core::TypeMeta) -> Result<(), ReviewError> {
             api_version: types.api_version.clone(),
             kind: types.kind.clone(),
         })
-    }
-}
-
-/// A pod as bulwark reads it: metadata names, labels, annotations and owners, and each
-/// container's name and resources. The rest of the object (env, volumes, tolerations,
-/// managedFields, status...) is skipped by the parser without being built: building it made
-/// decoding 43-57% of a review's instructions (bench/throughput.md), and nothing reads it.
-/// apiVersion and kind are checked as k8s-openapi's Pod does, so other kinds fall through to
-/// the generic decoding.
-struct LeanPod(Pod);
-
-impl k8s_openapi::Resource for LeanPod {
-    const API_VERSION: &'static str = <Pod as k8s_openapi::Resource>::API_VERSION;
-    const GROUP: &'static str = <Pod as k8s_openapi::Resource>::GROUP;
-    const KIND: &'static str = <Pod as k8s_openapi::Resource>::KIND;
-    const VERSION: &'static str = <Pod as k8s_openapi::Resource>::VERSION;
-    const URL_PATH_SEGMENT: &'static str = <Pod as k8s_openapi::Resource>::URL_PATH_SEGMENT;
-    type Scope = <Pod as k8s_openapi::Resource>::Scope;
-}
-
-impl k8s_openapi::Metadata for LeanPod {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.0.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.0.metadata
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct PodView {
-    api_version: String,
-    kind: String,
-    #[serde(default)]
-    metadata: MetaView,
-    spec: Option<SpecView>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct MetaView {
-    name: Option<String>,
-    namespace: Option<String>,
-    annotations: Option<BTreeMap<String, String>>,
-    labels: Option<BTreeMap<String, String>>,
-    owner_references: Option<Vec<OwnerReference>>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SpecView {
-    containers: Vec<ContainerView>,
-    init_containers: Option<Vec<ContainerView>>,
-    priority_class_name: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct ContainerView {
-    name: String,
-    resources: Option<ResourceRequirements>,
-}
-
-impl From<ContainerView> for Container {
-    fn from(c: ContainerView) -> Container {
-        Container {
-            name: c.name,
-            resources: c.resources,
-            ..Container::default()
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for LeanPod {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<LeanPod, D::Error> {
-        let v = PodView::deserialize(d)?;
-        if v.api_version != "v1" || v.kind != "Pod" {
-            return Err(serde::de::Error::custom(format!(
-                "expected apiVersion \"v1\" and kind \"Pod\", got {:?} and {:?}",
-                v.api_version, v.kind
-            )));
-        }
-        let containers = |list: Vec<ContainerView>| list.into_iter().map(Container::from).collect();
-        Ok(LeanPod(Pod {
-            metadata: ObjectMeta {
-                name: v.metadata.name,
-                namespace: v.metadata.namespace,
-                annotations: v.metadata.annotations,
-                labels: v.metadata.labels,
-                owner_references: v.metadata.owner_references,
-                ..ObjectMeta::default()
-            },
-            spec: v.spec.map(|s| PodSpec {
-                containers: containers(s.containers),
-                init_containers: s.init_containers.map(containers),
-                priority_class_name: s.priority_class_name,
-                ..PodSpec::default()
-            }),
-            status: None,
-        }))
     }
 }
 
@@ -359,25 +218,17 @@ pub fn too_many_requests(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use serde_json::json;
 
+    use super::*;
+    use crate::review::fixtures::Fixture;
+
     fn review(kind: &str, object: serde_json::Value) -> Vec<u8> {
-        serde_json::to_vec(&json!({
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": "u-1",
-                "kind": {"group": "", "version": "v1", "kind": kind},
-                "resource": {"group": "", "version": "v1", "resource": "x"},
-                "namespace": "ci",
-                "operation": "CREATE",
-                "userInfo": {},
-                "object": object,
-                "dryRun": false
-            }
-        }))
-        .unwrap()
+        Fixture::pod_create()
+            .uid("u-1")
+            .kind(kind, "x")
+            .object(object)
+            .bytes()
     }
 
     #[test]
@@ -461,7 +312,7 @@ mod tests {
         assert_eq!(m.owner_references, f.owner_references);
         let (ls, fs) = (lean.spec.as_ref().unwrap(), full.spec.as_ref().unwrap());
         assert_eq!(ls.priority_class_name, fs.priority_class_name);
-        let parts = |cs: &[Container]| {
+        let parts = |cs: &[k8s_openapi::api::core::v1::Container]| {
             cs.iter()
                 .map(|c| (c.name.clone(), c.resources.clone()))
                 .collect::<Vec<_>>()

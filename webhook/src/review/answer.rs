@@ -1,33 +1,36 @@
 //! The two webhooks' answers: which pods are decided at all (exemptions, modes, dry-run) and
 //! how a decision becomes an AdmissionResponse. The decisions themselves are in
-//! [`crate::defaults`] and [`crate::quota`]; this module holds no I/O.
+//! [`super::defaults`] and [`crate::quota`]; this module holds no I/O.
 
 use std::{sync::Arc, time::Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse};
 
+use super::{
+    Settings, defaults,
+    wire::{Review, too_many_requests},
+};
 use crate::{
-    admission::{Review, too_many_requests},
-    cache::{ClusterView, NamespaceInfo},
-    config::Config,
-    defaults, jitter,
-    ledger::{Commit, Ledger, Limits},
-    metrics::Metrics,
-    pod::PodFacts,
+    metrics::webhook::AdmissionMetrics,
     policy::Mode,
-    quota::Ask,
+    quota::{
+        decide::{Ask, Limits},
+        ledger::{Commit, Ledger, Request},
+        retry,
+        view::{ClusterView, NamespaceInfo},
+    },
 };
 
 /// How a review was answered, for metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Outcome {
+pub struct Answered {
     pub verdict: &'static str,
     pub reason: &'static str,
 }
 
-const fn outcome(verdict: &'static str, reason: &'static str) -> Outcome {
-    Outcome { verdict, reason }
+const fn answered(verdict: &'static str, reason: &'static str) -> Answered {
+    Answered { verdict, reason }
 }
 
 /// A pod CREATE that bulwark decides.
@@ -39,10 +42,10 @@ struct Subject<'r> {
 }
 
 pub struct Admitter {
-    config: Arc<Config>,
+    settings: Arc<Settings>,
     view: Arc<dyn ClusterView>,
     ledger: Arc<Ledger>,
-    metrics: Arc<Metrics>,
+    metrics: AdmissionMetrics,
     limits: Limits,
     /// The policy of namespaces the cache does not know (offline mode, or not yet watched).
     default_namespace: Arc<NamespaceInfo>,
@@ -50,22 +53,18 @@ pub struct Admitter {
 
 impl Admitter {
     pub fn new(
-        config: Arc<Config>,
+        settings: Arc<Settings>,
         view: Arc<dyn ClusterView>,
         ledger: Arc<Ledger>,
-        metrics: Arc<Metrics>,
+        metrics: AdmissionMetrics,
     ) -> Self {
         Admitter {
-            limits: Limits {
-                cluster: config.cluster,
-                workflow_reserved_percent: config.workflow_reserved_percent,
-                count_quotas: true,
-            },
+            limits: settings.quota.limits(),
             default_namespace: Arc::new(NamespaceInfo {
-                policy: config.defaults.clone(),
+                policy: settings.defaults.clone(),
                 problems: Vec::new(),
             }),
-            config,
+            settings,
             view,
             ledger,
             metrics,
@@ -73,17 +72,17 @@ impl Admitter {
     }
 
     /// The pod CREATE bulwark decides and its namespace's policy, or why it does not decide.
-    fn subject<'r>(&self, review: &'r Review) -> Result<Subject<'r>, Outcome> {
+    fn subject<'r>(&self, review: &'r Review) -> Result<Subject<'r>, Answered> {
         let Some((req, pod)) = review.pod_create() else {
-            return Err(outcome("allowed", "not_pod_create"));
+            return Err(answered("allowed", "not_pod_create"));
         };
         let ns = req
             .namespace
             .as_deref()
             .or(pod.metadata.namespace.as_deref())
             .unwrap_or("default");
-        if self.config.is_exempt_namespace(ns) {
-            return Err(outcome("allowed", "exempt_namespace"));
+        if self.settings.pods.is_exempt_namespace(ns) {
+            return Err(answered("allowed", "exempt_namespace"));
         }
         let info = self
             .view
@@ -93,14 +92,14 @@ impl Admitter {
     }
 
     /// `POST /mutate`: default requests and limits.
-    pub fn mutate(&self, review: &Review) -> (AdmissionResponse, Outcome) {
+    pub fn mutate(&self, review: &Review) -> (AdmissionResponse, Answered) {
         let allow = review.allow();
         let Subject { pod, ns, info, .. } = match self.subject(review) {
             Ok(found) => found,
             Err(o) => return (allow, o),
         };
         if info.policy.mode == Mode::Off {
-            return (allow, outcome("allowed", "mode_off"));
+            return (allow, answered("allowed", "mode_off"));
         }
         let m = defaults::mutate(
             pod,
@@ -108,25 +107,25 @@ impl Admitter {
             &info.policy.default_limits,
         );
         if m.is_empty() {
-            return (allow, outcome("allowed", "complete"));
+            return (allow, answered("allowed", "complete"));
         }
         let warnings = m.warnings(ns);
         let patch = m.into_patch(pod);
         match allow.clone().with_patch(patch) {
             Ok(mut resp) => {
                 resp.warnings = Some(warnings);
-                (resp, outcome("mutated", "defaulted"))
+                (resp, answered("mutated", "defaulted"))
             }
             Err(e) => {
                 // Cannot happen with string values; admit unchanged rather than block pods.
                 tracing::error!(error = %e, "serialising patch");
-                (allow, outcome("allowed", "patch_error"))
+                (allow, answered("allowed", "patch_error"))
             }
         }
     }
 
     /// `POST /validate`: rate and count quotas.
-    pub fn validate(&self, review: &Review, now: Instant) -> (AdmissionResponse, Outcome) {
+    pub fn validate(&self, review: &Review, now: Instant) -> (AdmissionResponse, Answered) {
         let mut allow = review.allow();
         let Subject { req, pod, ns, info } = match self.subject(review) {
             Ok(found) => found,
@@ -147,15 +146,15 @@ impl Admitter {
         if policy.mode == Mode::Off {
             return (
                 with_warnings(allow, warnings),
-                outcome("allowed", "mode_off"),
+                answered("allowed", "mode_off"),
             );
         }
-        let facts = PodFacts::of(pod, &self.config.workflow_labels);
+        let facts = self.settings.pods.facts(pod);
         if let Some(why) = facts.exempt {
             tracing::debug!(namespace = ns, why, "exempt pod");
             return (
                 with_warnings(allow, warnings),
-                outcome("allowed", "exempt_pod"),
+                answered("allowed", "exempt_pod"),
             );
         }
         let commit = if req.dry_run {
@@ -170,7 +169,7 @@ impl Admitter {
             pending_exempt: facts.pending_exempt,
             workflow: facts.workflow.as_deref(),
         };
-        let stale = self.view.stale(self.config.cache_stale_limit, now);
+        let stale = self.view.stale(self.settings.quota.cache_stale_limit, now);
         let limits = Limits {
             count_quotas: stale.is_none(),
             ..self.limits
@@ -178,14 +177,19 @@ impl Admitter {
         if let Some(stale) = &stale {
             warnings.push(stale.warning());
         }
-        let result = self
-            .ledger
-            .admit(&*self.view, ns, name, policy, ask, &limits, commit, now);
+        let request = Request {
+            namespace: ns,
+            name,
+            policy,
+            ask,
+            commit,
+        };
+        let result = self.ledger.admit(&*self.view, &request, &limits, now);
         let Err(refusal) = result else {
             let reason = if stale.is_some() { "cache_stale" } else { "ok" };
-            return (with_warnings(allow, warnings), outcome("allowed", reason));
+            return (with_warnings(allow, warnings), answered("allowed", reason));
         };
-        let retry = jitter::jittered(refusal.expected_wait(), self.config.max_retry_after);
+        let retry = retry::jittered(refusal.expected_wait(), self.settings.quota.max_retry_after);
         let message = refusal.message(ns, retry);
         let mode_label = match commit {
             Commit::DryRun => "dry_run",
@@ -199,7 +203,7 @@ impl Admitter {
         if commit == Commit::Warn {
             warnings.push(format!("bulwark (mode warn, not enforced): {message}"));
             allow = with_warnings(allow, warnings);
-            return (allow, outcome("warned", refusal.reason()));
+            return (allow, answered("warned", refusal.reason()));
         }
         tracing::debug!(
             namespace = ns,
@@ -209,7 +213,7 @@ impl Admitter {
             "refused pod creation"
         );
         let resp = with_warnings(too_many_requests(allow, message, retry), warnings);
-        (resp, outcome("refused", refusal.reason()))
+        (resp, answered("refused", refusal.reason()))
     }
 }
 
@@ -217,57 +221,44 @@ impl Admitter {
 mod tests {
     use std::time::Duration;
 
-    use serde_json::json;
-
     use super::*;
     use crate::{
-        admission::decode,
-        cache::{Cache, Resource},
-        config::ClusterLimits,
+        cluster::cache::{Cache, Watched},
+        metrics::webhook::WebhookMetrics,
         policy::Policy,
+        quota::{self, ClusterLimits},
+        review::{fixtures::Fixture, wire::decode},
     };
 
     fn review(uid: &str) -> Review {
-        let body = json!({
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": uid,
-                "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                "resource": {"group": "", "version": "v1", "resource": "pods"},
-                "namespace": "ci",
-                "operation": "CREATE",
-                "userInfo": {"username": "someone"},
-                "object": {"apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": uid, "namespace": "ci"},
-                    "spec": {"containers": [{"name": "c", "image": "x"}]}},
-            },
-        });
-        decode(&serde_json::to_vec(&body).unwrap()).unwrap()
+        decode(&Fixture::pod_create().uid(uid).name(uid).bytes()).unwrap()
     }
 
     #[test]
     fn a_watch_failing_past_the_limit_opens_the_count_quotas_with_a_warning() {
-        let config = Config {
+        let settings = Settings {
             defaults: Policy {
                 rate: None,
                 max_pods: Some(1),
                 ..Policy::default()
             },
-            cluster: ClusterLimits {
-                max_pending_pods: None,
-                pending_per_healthy_node: None,
+            quota: quota::Settings {
+                cluster: ClusterLimits {
+                    max_pending_pods: None,
+                    pending_per_healthy_node: None,
+                },
+                cache_stale_limit: Duration::from_secs(60),
+                ..quota::Settings::default()
             },
-            cache_stale_limit: Duration::from_secs(60),
-            ..Config::default()
+            ..Settings::default()
         };
         let t = Instant::now();
-        let cache = Arc::new(Cache::new(config.defaults.clone(), vec![]));
+        let cache = Arc::new(Cache::new(settings.defaults.clone(), vec![]));
         let admitter = Admitter::new(
-            Arc::new(config),
+            Arc::new(settings),
             cache.clone(),
             Arc::new(Ledger::new(Duration::from_secs(600), t)),
-            Arc::new(Metrics::new()),
+            WebhookMetrics::new().admission,
         );
         let (resp, o) = admitter.validate(&review("a"), t);
         assert!(resp.allowed && o.reason == "ok", "{o:?}");
@@ -277,7 +268,7 @@ mod tests {
         // Failing, but within the limit: the last snapshot still decides.
         let mut at = t;
         for _ in 0..12 {
-            cache.watch_failed(Resource::Pods, at);
+            cache.watch_failed(Watched::Pods, at);
             at += Duration::from_secs(5);
         }
         let at = at + Duration::from_secs(1);
@@ -296,7 +287,7 @@ mod tests {
         );
 
         // The watch delivers again: the quota holds again.
-        cache.mark_synced(Resource::Pods, at);
+        cache.mark_synced(Watched::Pods, at);
         let (resp, o) = admitter.validate(&review("e"), at);
         assert!(!resp.allowed && o.reason == "max_pods", "{o:?}");
     }

@@ -1,6 +1,44 @@
-//! The few facts about a pod that quota decisions use, read once from the object.
+//! The few facts about a pod that quota decisions use, read once from the object, and the
+//! cluster-wide rules that say which pods bulwark decides at all.
 
 use k8s_openapi::api::core::v1::Pod;
+
+/// Which namespaces bulwark leaves alone and which labels name a workflow (`--config`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRules {
+    pub exempt_namespaces: Vec<String>,
+    /// The first of these labels a pod carries names its workflow.
+    pub workflow_labels: Vec<String>,
+}
+
+impl Default for PodRules {
+    fn default() -> Self {
+        PodRules {
+            exempt_namespaces: vec!["kube-system".into(), "bulwark-system".into()],
+            workflow_labels: vec![
+                "workflows.argoproj.io/workflow".into(),
+                "bulwark.io/workflow".into(),
+            ],
+        }
+    }
+}
+
+impl PodRules {
+    pub fn is_exempt_namespace(&self, namespace: &str) -> bool {
+        self.exempt_namespaces.iter().any(|n| n == namespace)
+    }
+
+    /// Exempts `namespace` too (the webhook's own, so bulwark can never block its own pods).
+    pub fn exempt(&mut self, namespace: &str) {
+        if !namespace.is_empty() && !self.is_exempt_namespace(namespace) {
+            self.exempt_namespaces.push(namespace.to_owned());
+        }
+    }
+
+    pub fn facts(&self, pod: &Pod) -> PodFacts {
+        PodFacts::of(pod, &self.workflow_labels)
+    }
+}
 
 const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 const CRITICAL_PRIORITY_CLASSES: [&str; 2] = ["system-node-critical", "system-cluster-critical"];

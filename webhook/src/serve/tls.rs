@@ -16,7 +16,7 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
-use crate::metrics::Metrics;
+use crate::metrics::webhook::TlsMetrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -273,7 +273,7 @@ impl CertStore {
 
     /// Polls the files every `interval` and swaps the certificate when they change; returns at
     /// once for a certificate held in memory.
-    pub async fn watch(self: Arc<Self>, interval: Duration, metrics: Arc<Metrics>) {
+    pub async fn watch(self: Arc<Self>, interval: Duration, metrics: TlsMetrics) {
         let Some(files) = &self.files else {
             return;
         };
@@ -285,13 +285,13 @@ impl CertStore {
                 Ok(false) => {}
                 Ok(true) => {
                     tracing::info!(cert = %files.cert_path.display(), "serving certificate reloaded");
-                    metrics.tls_reloads.with_label_values(&["ok"]).inc();
+                    metrics.reloads.with_label_values(&["ok"]).inc();
                 }
                 Err(e) => {
                     // Often a rotation caught between writing the two files: keep serving the
                     // old pair and try again at the next tick.
                     tracing::warn!(error = %e, "serving certificate not reloaded; keeping the current one");
-                    metrics.tls_reloads.with_label_values(&["error"]).inc();
+                    metrics.reloads.with_label_values(&["error"]).inc();
                 }
             }
         }

@@ -1,0 +1,418 @@
+//! The `bulwark` command line: the clap types, and how each subcommand turns its arguments
+//! into the library's options and runs.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::Context;
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+use bulwark::{
+    config::Config,
+    nodes::controller::NodeControllerOptions,
+    serve::{
+        managed::{Wanted, sync},
+        tls::ClientCa,
+    },
+    webhook::{Certificates, Webhook, WebhookOptions},
+};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "bulwark",
+    version,
+    about = "Keeps Kubernetes clusters stable under bursty pod creation"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "BULWARK_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve the mutating and validating admission webhooks over HTTPS.
+    Webhook(WebhookArgs),
+    /// Watch node health; taint unhealthy nodes and mark them for removal (one acting
+    /// replica, elected on a Lease).
+    NodeController(NodeControllerArgs),
+    /// Generate a CA and a serving certificate for the webhook.
+    Certs(CertsArgs),
+}
+
+#[derive(Parser)]
+pub struct NodeControllerArgs {
+    /// YAML file; its `nodeController:` section holds the knobs (see README).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// kubeconfig to reach the API server; default: in-cluster config, then $KUBECONFIG.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Decide and report (log, Events, metrics) but change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Address for plain-HTTP /metrics and /healthz.
+    #[arg(long, default_value = "0.0.0.0:9091")]
+    metrics_listen: SocketAddr,
+    /// Namespace of the leader-election Lease (default: $POD_NAMESPACE, else bulwark-system).
+    #[arg(long)]
+    lease_namespace: Option<String>,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "bulwark-node-controller")]
+    lease_name: String,
+    /// This replica's identity in the Lease (default: $POD_NAME, else host name and pid).
+    #[arg(long)]
+    identity: Option<String>,
+}
+
+#[derive(Parser)]
+pub struct WebhookArgs {
+    /// Address for HTTPS (/mutate, /validate, /healthz, /readyz).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// Address for plain-HTTP Prometheus metrics (/metrics).
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    metrics_listen: SocketAddr,
+    /// PEM certificate chain; reloaded when it changes on disk. Either this and --tls-key, or
+    /// --cert-secret.
+    #[arg(long, requires = "tls_key", conflicts_with = "cert_secret")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key; reloaded when it changes on disk.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    managed: ManagedCertArgs,
+    /// Share each namespace's rate among the ready endpoints of this Service (the webhook's
+    /// own, in $POD_NAMESPACE or bulwark-system), so the limit holds across replicas.
+    #[arg(long)]
+    peers_service: Option<String>,
+    /// PEM CA bundle: /mutate and /validate then require a client certificate it signed
+    /// (kube-apiserver's, from its admission configuration); probes need none.
+    #[arg(long)]
+    client_ca: Option<PathBuf>,
+    /// YAML file with cluster defaults (see README).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// kubeconfig to reach the API server; default: in-cluster config, then $KUBECONFIG.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Run without an API server: policy from --config only, counts from this process's own
+    /// admissions (which expire after reservationTtlSeconds). For trying out and benchmarks.
+    #[arg(long)]
+    offline: bool,
+    /// How often to check the certificate files for changes.
+    #[arg(long, default_value_t = 1)]
+    cert_reload_seconds: u64,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[arg(long, default_value_t = 25)]
+    drain_seconds: u64,
+}
+
+/// Self-managed certificates: kept in a Secret, renewed before expiry, caBundle kept current.
+#[derive(clap::Args)]
+pub struct ManagedCertArgs {
+    /// Keep the serving certificate in this Secret (created if missing) instead of files.
+    #[arg(long)]
+    cert_secret: Option<String>,
+    /// Namespace of the Secret and the Service (default: $POD_NAMESPACE, else bulwark-system).
+    #[arg(long)]
+    cert_namespace: Option<String>,
+    /// The webhook's Service; the certificate names all its DNS forms.
+    #[arg(long, default_value = "bulwark-webhook")]
+    service: String,
+    /// More DNS names for the certificate (repeatable).
+    #[arg(long = "cert-dns")]
+    cert_dns: Vec<String>,
+    /// IP addresses for the certificate (repeatable), e.g. for a URL clientConfig.
+    #[arg(long = "cert-ip")]
+    cert_ip: Vec<IpAddr>,
+    /// The Mutating- and ValidatingWebhookConfiguration whose caBundle is kept current.
+    #[arg(long, default_value = "bulwark")]
+    webhook_configuration: String,
+    /// Serving certificate validity; renewed with a third left.
+    #[arg(long, default_value_t = 365)]
+    cert_days: u32,
+    /// CA validity; a new CA is trusted (caBundle) before it signs what is served.
+    #[arg(long, default_value_t = 3650)]
+    ca_days: u32,
+    /// Key of new CAs and certificates: ecdsa-p256, rsa-2048, rsa-3072 or rsa-4096.
+    #[arg(long, default_value = "ecdsa-p256")]
+    cert_key_algorithm: bulwark_certs::KeyAlgorithm,
+    /// How long a new CA sits in the caBundle before a certificate it signed is served.
+    #[arg(long, default_value_t = 60)]
+    ca_propagation_seconds: u64,
+}
+
+#[derive(Parser)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct CertsArgs {
+    #[command(subcommand)]
+    action: Option<CertsAction>,
+    /// Directory for ca.crt, tls.crt and tls.key.
+    #[arg(long, required = true)]
+    out_dir: Option<PathBuf>,
+    /// DNS names for the serving certificate (repeatable).
+    #[arg(long = "dns")]
+    dns: Vec<String>,
+    /// IP addresses for the serving certificate (repeatable).
+    #[arg(long = "ip")]
+    ip: Vec<IpAddr>,
+    /// Validity in days.
+    #[arg(long, default_value_t = 365)]
+    days: u32,
+    /// Key algorithm: ecdsa-p256, rsa-2048, rsa-3072 or rsa-4096.
+    #[arg(long, default_value = "ecdsa-p256")]
+    key_algorithm: bulwark_certs::KeyAlgorithm,
+    /// Also set the new CA as the caBundle of this Mutating- and ValidatingWebhookConfiguration.
+    #[arg(long)]
+    patch_webhook_configuration: Option<String>,
+    /// kubeconfig for --patch-webhook-configuration; default: in-cluster config, then $KUBECONFIG.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum CertsAction {
+    /// Ask the webhook replicas for a new self-managed serving certificate now.
+    Rotate {
+        /// Namespace of the certificate Secret.
+        #[arg(long, default_value = "bulwark-system")]
+        namespace: String,
+        /// The certificate Secret (the webhook's --cert-secret).
+        #[arg(long, default_value = "bulwark-webhook-tls")]
+        secret: String,
+        /// kubeconfig; default: in-cluster config, then $KUBECONFIG.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Replace the CA too: it joins the caBundle first, and what it signs is served after
+        /// the webhook's --ca-propagation-seconds.
+        #[arg(long)]
+        ca: bool,
+    },
+}
+
+/// `$POD_NAMESPACE` (set from the downward API in the install), if set.
+fn pod_namespace() -> Option<String> {
+    std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
+/// The namespace of bulwark's own objects unless a flag names it.
+fn own_namespace(flag: Option<String>) -> String {
+    flag.or_else(pod_namespace)
+        .unwrap_or_else(|| "bulwark-system".into())
+}
+
+fn pod_name() -> Option<String> {
+    std::env::var("POD_NAME").ok().filter(|v| !v.is_empty())
+}
+
+impl Command {
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self {
+            Command::Webhook(args) => webhook(args).await,
+            Command::NodeController(args) => node_controller(args).await,
+            Command::Certs(args) => certs(args).await,
+        }
+    }
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    Ok(match path {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    })
+}
+
+async fn node_controller(args: NodeControllerArgs) -> anyhow::Result<()> {
+    let config = load_config(args.config.as_ref())?;
+    // Its writes retry on their own (jittered, honouring Retry-After); no second layer.
+    let client = kube_client(args.kubeconfig, false).await?;
+    let identity = args.identity.or_else(pod_name).unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "bulwark".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let opts = NodeControllerOptions {
+        settings: config.node_controller,
+        dry_run: args.dry_run,
+        identity,
+        lease_namespace: own_namespace(args.lease_namespace),
+        lease_name: args.lease_name,
+    };
+    bulwark::nodes::controller::run(client, opts, Some(args.metrics_listen), shutdown_signal())
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn certs(args: CertsArgs) -> anyhow::Result<()> {
+    if let Some(CertsAction::Rotate {
+        namespace,
+        secret,
+        kubeconfig,
+        ca,
+    }) = args.action
+    {
+        let client = kube_client(kubeconfig, true).await?;
+        let (key, value) = sync::request_rotation(client, &namespace, &secret, ca)
+            .await
+            .with_context(|| format!("asking for a rotation on Secret {namespace}/{secret}"))?;
+        let what = if ca {
+            "a new CA (trusted first, served after --ca-propagation-seconds)"
+        } else {
+            "a new serving certificate"
+        };
+        eprintln!(
+            "asked for {what} ({key} = {value}); the webhook replicas act on it within seconds"
+        );
+        return Ok(());
+    }
+    let out_dir = args
+        .out_dir
+        .context("--out-dir is required to generate certificates")?;
+    let bundle = bulwark_certs::generate(&bulwark_certs::Request {
+        dns_names: args.dns,
+        ips: args.ip,
+        days: args.days,
+        key: args.key_algorithm,
+    })?;
+    let written = bulwark_certs::write(&bundle, &out_dir)?;
+    eprintln!(
+        "wrote {}, {}, {}",
+        written.ca_cert.display(),
+        written.cert.display(),
+        written.key.display()
+    );
+    if let Some(name) = &args.patch_webhook_configuration {
+        let client = kube_client(args.kubeconfig, true).await?;
+        let results = sync::set_ca_bundle(&client, name, &bundle.ca_cert_pem).await;
+        for (kind, r) in sync::CONFIGURATION_KINDS.iter().zip(results) {
+            match r.with_context(|| format!("setting the caBundle of {kind} {name}"))? {
+                true => eprintln!("caBundle of {kind} {name} set"),
+                false => anyhow::bail!("{kind} {name} not found"),
+            }
+        }
+    }
+    // The caBundle value for the webhook configurations.
+    println!("{}", BASE64.encode(bundle.ca_cert_pem.as_bytes()));
+    Ok(())
+}
+
+async fn kube_client(kubeconfig: Option<PathBuf>, retry: bool) -> anyhow::Result<kube::Client> {
+    let mut config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(&path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no in-cluster config or kubeconfig found (use --kubeconfig or --offline)")?,
+    };
+    config.default_retry = retry;
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+impl ManagedCertArgs {
+    fn options(self, secret: String) -> anyhow::Result<sync::ManagedOptions> {
+        // A serving certificate must not outlive the CA that signed it.
+        anyhow::ensure!(
+            self.cert_days <= self.ca_days,
+            "--cert-days ({}) must not exceed --ca-days ({})",
+            self.cert_days,
+            self.ca_days
+        );
+        let namespace = own_namespace(self.cert_namespace);
+        let mut dns_names = bulwark_certs::service_dns_names(&self.service, &namespace);
+        dns_names.extend(self.cert_dns);
+        Ok(sync::ManagedOptions {
+            wanted: Wanted {
+                dns_names,
+                ips: self.cert_ip,
+                ca_days: self.ca_days,
+                cert_days: self.cert_days,
+                key: self.cert_key_algorithm,
+                ca_propagation: Duration::from_secs(self.ca_propagation_seconds),
+            },
+            namespace,
+            secret,
+            webhook_configuration: self.webhook_configuration,
+        })
+    }
+}
+
+async fn webhook(args: WebhookArgs) -> anyhow::Result<()> {
+    let config = load_config(args.config.as_ref())?;
+    let client_ca = args.client_ca.as_deref().map(ClientCa::load).transpose()?;
+    let client = if args.offline {
+        None
+    } else {
+        Some(kube_client(args.kubeconfig, true).await?)
+    };
+    let certificates = match (
+        args.tls_cert,
+        args.tls_key,
+        args.managed.cert_secret.clone(),
+    ) {
+        (Some(cert), Some(key), None) => Certificates::Files { cert, key },
+        (None, None, Some(secret)) => Certificates::Managed(args.managed.options(secret)?),
+        _ => anyhow::bail!("give either --tls-cert and --tls-key, or --cert-secret"),
+    };
+    let started = Webhook::start(WebhookOptions {
+        settings: config.webhook,
+        client,
+        own_namespace: pod_namespace(),
+        identity: pod_name(),
+        peers_service: args.peers_service,
+        certificates,
+        client_ca,
+        listen: args.listen,
+        metrics_listen: Some(args.metrics_listen),
+        reload_interval: Duration::from_secs(args.cert_reload_seconds.max(1)),
+        drain_timeout: Duration::from_secs(args.drain_seconds),
+    })
+    .await?;
+    shutdown_signal().await;
+    tracing::info!("shutdown requested");
+    started.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops bulwark");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,148 @@
+//! What the cache keeps per pod and per namespace: a few bits and the workflow a pod belongs
+//! to, the counters over them, and the recent rates at which pods stop being pending or live.
+
+use std::{collections::HashMap, sync::Arc, time::Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::policy::pod::PodFacts;
+
+/// What bulwark keeps of a pod: a few bits and the workflow it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodEntry {
+    pub state: PodState,
+    /// DaemonSet and mirror pods are not held to pending limits.
+    pub pending_exempt: bool,
+    pub workflow: Option<Arc<str>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodState {
+    /// Not yet running: unscheduled, or scheduled and starting.
+    Pending,
+    Running,
+    /// Succeeded or Failed: holds no quota.
+    Terminal,
+}
+
+impl PodEntry {
+    pub fn from_pod(pod: &Pod, workflow_labels: &[String]) -> PodEntry {
+        let facts = PodFacts::of(pod, workflow_labels);
+        let phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .unwrap_or("Pending");
+        let state = match phase {
+            "Succeeded" | "Failed" => PodState::Terminal,
+            "Pending" => PodState::Pending,
+            _ => PodState::Running,
+        };
+        PodEntry {
+            state,
+            pending_exempt: facts.pending_exempt,
+            workflow: facts.workflow.map(Arc::from),
+        }
+    }
+
+    pub(super) fn live(&self) -> bool {
+        self.state != PodState::Terminal
+    }
+
+    pub(super) fn counts_pending(&self) -> bool {
+        self.state == PodState::Pending && !self.pending_exempt
+    }
+}
+
+/// An exponentially decaying event rate, for "when will capacity be back".
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DecayingRate {
+    per_second: f64,
+    at: Option<Instant>,
+}
+
+const RATE_WINDOW_SECS: f64 = 10.0;
+
+impl DecayingRate {
+    pub(super) const fn new() -> Self {
+        DecayingRate {
+            per_second: 0.0,
+            at: None,
+        }
+    }
+
+    pub(super) fn decayed(&self, now: Instant) -> f64 {
+        match self.at {
+            None => 0.0,
+            Some(at) => {
+                let dt = now.saturating_duration_since(at).as_secs_f64();
+                self.per_second * (-dt / RATE_WINDOW_SECS).exp()
+            }
+        }
+    }
+
+    pub(super) fn record(&mut self, now: Instant) {
+        self.per_second = self.decayed(now) + 1.0 / RATE_WINDOW_SECS;
+        self.at = Some(now);
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct NamespacePods {
+    pub(super) pods: HashMap<Box<str>, PodEntry>,
+    pub(super) live: u32,
+    pub(super) pending: u32,
+    pub(super) workflows: HashMap<Arc<str>, u32>,
+    pub(super) pending_drain: DecayingRate,
+    pub(super) live_drain: DecayingRate,
+}
+
+impl NamespacePods {
+    pub(super) fn new() -> Self {
+        NamespacePods {
+            pods: HashMap::new(),
+            live: 0,
+            pending: 0,
+            workflows: HashMap::new(),
+            pending_drain: DecayingRate::new(),
+            live_drain: DecayingRate::new(),
+        }
+    }
+
+    /// Adds (`sign` 1) or removes (`sign` -1) an entry's contribution to the counters.
+    pub(super) fn account(&mut self, entry: &PodEntry, add: bool) {
+        let step = |n: &mut u32| {
+            *n = if add {
+                n.saturating_add(1)
+            } else {
+                n.saturating_sub(1)
+            }
+        };
+        if entry.live() {
+            step(&mut self.live);
+        }
+        if entry.counts_pending() {
+            step(&mut self.pending);
+        }
+        if let Some(wf) = &entry.workflow {
+            if add {
+                *self.workflows.entry(wf.clone()).or_insert(0) += 1;
+            } else if let Some(n) = self.workflows.get_mut(wf) {
+                *n -= 1;
+                if *n == 0 {
+                    self.workflows.remove(wf);
+                }
+            }
+        }
+    }
+
+    /// Shares the workflow string with the namespace's other pods of the same workflow.
+    pub(super) fn intern(&self, mut entry: PodEntry) -> PodEntry {
+        if let Some(wf) = &entry.workflow
+            && let Some((shared, _)) = self.workflows.get_key_value(wf)
+        {
+            entry.workflow = Some(shared.clone());
+        }
+        entry
+    }
+}

@@ -1,0 +1,266 @@
+//! The webhook's metrics, in groups handed to the parts that set them.
+
+use std::time::Duration;
+
+use prometheus::{
+    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+use super::{Scrape, encode, register, registry};
+
+/// Everything `bulwark webhook` exports.
+pub struct WebhookMetrics {
+    registry: Registry,
+    pub admission: AdmissionMetrics,
+    pub policy: PolicyMetrics,
+    pub tls: TlsMetrics,
+    pub cache: CacheGauges,
+}
+
+/// How reviews were answered (set by the server and the answers).
+#[derive(Clone)]
+pub struct AdmissionMetrics {
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub refusals: IntCounterVec,
+    pub bad_requests: IntCounterVec,
+}
+
+/// Invalid namespace annotations (set by the namespace watch).
+#[derive(Clone)]
+pub struct PolicyMetrics {
+    problems: IntCounterVec,
+}
+
+/// The serving certificate (set by the reloader and the self-managed certificate sync).
+#[derive(Clone)]
+pub struct TlsMetrics {
+    pub reloads: IntCounterVec,
+    pub cert_writes: IntCounterVec,
+    pub cert_not_after: Gauge,
+}
+
+/// The state of the caches and the ledger, set at scrape time by whoever wires them.
+#[derive(Clone)]
+pub struct CacheGauges {
+    pods: IntGaugeVec,
+    reservations: IntGauge,
+    replicas: IntGauge,
+    schedulable_nodes: IntGauge,
+    age: GaugeVec,
+    failing: GaugeVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(
+        r,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    register(
+        r,
+        GaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    register(r, IntGauge::new(name, help).expect("valid metric"))
+}
+
+impl WebhookMetrics {
+    pub fn new() -> Self {
+        let registry = registry();
+        let r = &registry;
+        let admission = AdmissionMetrics {
+            requests: counter(
+                r,
+                "admission_requests_total",
+                "Admission reviews answered",
+                &["endpoint", "verdict", "reason"],
+            ),
+            duration: register(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "admission_duration_seconds",
+                        "Time to decide one review, body read to response encoded",
+                    )
+                    .buckets(vec![
+                        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+                        0.1, 0.5,
+                    ]),
+                    &["endpoint"],
+                )
+                .expect("valid metric"),
+            ),
+            refusals: counter(
+                r,
+                "refusals_total",
+                "Pod creations refused (mode=enforce), warned (mode=warn) or refused in dry-run",
+                &["reason", "mode"],
+            ),
+            bad_requests: counter(
+                r,
+                "bad_requests_total",
+                "Requests answered with HTTP 400",
+                &["endpoint", "error"],
+            ),
+        };
+        let policy = PolicyMetrics {
+            problems: counter(
+                r,
+                "policy_problems_total",
+                "Invalid namespace annotations seen (namespace keeps the default)",
+                &["annotation"],
+            ),
+        };
+        let tls = TlsMetrics {
+            reloads: counter(
+                r,
+                "tls_reloads_total",
+                "Serving certificate reloads",
+                &["result"],
+            ),
+            cert_writes: counter(
+                r,
+                "certificate_secret_writes_total",
+                "Writes of the self-managed certificate Secret, by why",
+                &["why"],
+            ),
+            cert_not_after: register(
+                r,
+                Gauge::new(
+                    "serving_certificate_expiry_timestamp_seconds",
+                    "When the self-managed serving certificate expires (Unix seconds)",
+                )
+                .expect("valid metric"),
+            ),
+        };
+        let cache = CacheGauges {
+            pods: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("pods", "Pods in the watch cache, cluster-wide"),
+                    &["state"],
+                )
+                .expect("valid metric"),
+            ),
+            reservations: int_gauge(
+                r,
+                "reservations",
+                "Admitted pods not yet seen by the watch (counted against quotas)",
+            ),
+            replicas: int_gauge(
+                r,
+                "rate_share_replicas",
+                "Ready webhook replicas each namespace's rate is shared among",
+            ),
+            schedulable_nodes: int_gauge(
+                r,
+                "schedulable_nodes",
+                "Ready, untainted, schedulable nodes",
+            ),
+            age: gauge_vec(
+                r,
+                "cache_age_seconds",
+                "Seconds since the watch of a resource last delivered anything",
+                &["resource"],
+            ),
+            failing: gauge_vec(
+                r,
+                "cache_watch_failing_seconds",
+                "Seconds the watch of a resource has been failing (0 while it works); \
+                 past cacheStaleLimitSeconds pod-count quotas fail open",
+                &["resource"],
+            ),
+        };
+        let up_since = register(
+            r,
+            Gauge::new(
+                "start_time_seconds",
+                "Process start, seconds since the epoch",
+            )
+            .expect("valid metric"),
+        );
+        if let Ok(since) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            up_since.set(since.as_secs_f64());
+        }
+        WebhookMetrics {
+            registry,
+            admission,
+            policy,
+            tls,
+            cache,
+        }
+    }
+}
+
+impl Default for WebhookMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scrape for WebhookMetrics {
+    fn scrape(&self) -> String {
+        encode(&self.registry)
+    }
+}
+
+impl AdmissionMetrics {
+    pub fn observe(&self, endpoint: &str, verdict: &str, reason: &str, took: Duration) {
+        self.requests
+            .with_label_values(&[endpoint, verdict, reason])
+            .inc();
+        self.duration
+            .with_label_values(&[endpoint])
+            .observe(took.as_secs_f64());
+    }
+}
+
+impl PolicyMetrics {
+    pub fn problem(&self, annotation: &str) {
+        self.problems.with_label_values(&[annotation]).inc();
+    }
+}
+
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl CacheGauges {
+    pub fn set_pods(&self, live: u64, pending: u64) {
+        self.pods.with_label_values(&["live"]).set(clamp(live));
+        self.pods
+            .with_label_values(&["pending"])
+            .set(clamp(pending));
+    }
+
+    pub fn set_reservations(&self, n: u64) {
+        self.reservations.set(clamp(n));
+    }
+
+    pub fn set_replicas(&self, n: u32) {
+        self.replicas.set(i64::from(n));
+    }
+
+    pub fn set_schedulable_nodes(&self, n: u32) {
+        self.schedulable_nodes.set(i64::from(n));
+    }
+
+    /// The watch of `resource`: time since it last delivered (if ever), and how long it has
+    /// been failing (`None` while it works).
+    pub fn set_watch(&self, resource: &str, age: Option<Duration>, failing: Option<Duration>) {
+        if let Some(age) = age {
+            self.age
+                .with_label_values(&[resource])
+                .set(age.as_secs_f64());
+        }
+        self.failing
+            .with_label_values(&[resource])
+            .set(failing.map_or(0.0, |d| d.as_secs_f64()));
+    }
+}

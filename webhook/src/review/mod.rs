@@ -1,0 +1,24 @@
+//! Reviews in and out: the AdmissionReview wire format ([`wire`], with the lean pod view of
+//! [`lean`]), the defaults patch ([`defaults`]), and the two webhooks' answers ([`answer`]),
+//! which hand count and rate decisions to [`crate::quota`].
+
+pub mod answer;
+pub mod defaults;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
+pub mod lean;
+pub mod wire;
+
+use crate::{
+    policy::{Policy, pod::PodRules},
+    quota,
+};
+
+/// What the two webhooks decide by: `--config` but for the node controller's section.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Settings {
+    /// The policy of a namespace without annotations.
+    pub defaults: Policy,
+    pub pods: PodRules,
+    pub quota: quota::Settings,
+}

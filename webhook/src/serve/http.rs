@@ -1,0 +1,229 @@
+//! The HTTPS routes: `/mutate` and `/validate` read a bounded body, answer it and count it;
+//! `/healthz` and `/readyz` are the probes. Everything wrong with a request becomes one
+//! [`RequestError`], turned into an HTTP status in one place.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Request, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use super::conn::ClientCert;
+use crate::{
+    metrics::webhook::AdmissionMetrics,
+    review::{
+        answer::{Admitter, Answered},
+        wire::{self, ReviewError},
+    },
+};
+
+/// kube-apiserver's own request size limit; an AdmissionReview carries one object.
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// Time allowed for a request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a request got no review answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("{0}")]
+    Review(#[from] ReviewError),
+    #[error("request body is larger than {MAX_BODY_BYTES} bytes")]
+    TooLarge,
+    #[error("request body was not received within {0} seconds")]
+    BodyTimeout(u64),
+    #[error("reading request body: {0}")]
+    Body(String),
+    #[error("a client certificate signed by the --client-ca is required for reviews")]
+    Unauthenticated,
+}
+
+impl RequestError {
+    /// A bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RequestError::Review(e) => e.label(),
+            RequestError::TooLarge => "too_large",
+            RequestError::BodyTimeout(_) => "body_timeout",
+            RequestError::Body(_) => "body",
+            RequestError::Unauthenticated => "unauthenticated",
+        }
+    }
+}
+
+impl IntoResponse for RequestError {
+    fn into_response(self) -> Response {
+        let (status, text) = match self {
+            RequestError::Unauthenticated => (StatusCode::UNAUTHORIZED, format!("{self}\n")),
+            _ => (
+                StatusCode::BAD_REQUEST,
+                format!("bad AdmissionReview: {self}\n"),
+            ),
+        };
+        (
+            status,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            text,
+        )
+            .into_response()
+    }
+}
+
+/// The two review endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Mutate,
+    Validate,
+}
+
+impl Endpoint {
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Mutate => "mutate",
+            Endpoint::Validate => "validate",
+        }
+    }
+}
+
+/// Whether the webhook may take reviews yet, and if not why.
+pub type Readiness = Box<dyn Fn() -> Result<(), &'static str> + Send + Sync>;
+
+/// What the HTTPS routes serve.
+pub struct Service {
+    admitter: Admitter,
+    metrics: AdmissionMetrics,
+    ready: Readiness,
+    draining: AtomicBool,
+}
+
+impl Service {
+    pub fn new(admitter: Admitter, metrics: AdmissionMetrics, ready: Readiness) -> Self {
+        Service {
+            admitter,
+            metrics,
+            ready,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// From now on `/readyz` fails, so endpoints stop sending reviews here.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    fn ready(&self) -> Result<(), &'static str> {
+        if self.draining.load(Ordering::Acquire) {
+            Err("shutting down")
+        } else {
+            (self.ready)()
+        }
+    }
+
+    /// Decodes a review body, answers it and encodes the answer: what a review request
+    /// gets, without the HTTP around it.
+    pub fn answer(
+        &self,
+        endpoint: Endpoint,
+        body: &[u8],
+        now: Instant,
+    ) -> Result<(Vec<u8>, Answered), ReviewError> {
+        let review = wire::decode(body)?;
+        let (response, answered) = match endpoint {
+            Endpoint::Mutate => self.admitter.mutate(&review),
+            Endpoint::Validate => self.admitter.validate(&review, now),
+        };
+        Ok((wire::encode(response), answered))
+    }
+
+    fn refused(&self, endpoint: Endpoint, e: RequestError) -> Response {
+        self.metrics
+            .bad_requests
+            .with_label_values(&[endpoint.name(), e.label()])
+            .inc();
+        tracing::warn!(endpoint = endpoint.name(), error = %e, "bad request");
+        e.into_response()
+    }
+}
+
+pub fn router(service: Arc<Service>) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate))
+        .route("/validate", post(validate))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(service)
+}
+
+async fn readyz(State(service): State<Arc<Service>>) -> Response {
+    match service.ready() {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn mutate(State(service): State<Arc<Service>>, req: Request) -> Response {
+    review(&service, Endpoint::Mutate, req).await
+}
+
+async fn validate(State(service): State<Arc<Service>>, req: Request) -> Response {
+    review(&service, Endpoint::Validate, req).await
+}
+
+fn declared_too_large(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > MAX_BODY_BYTES as u64)
+}
+
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, RequestError> {
+    if declared_too_large(headers) {
+        return Err(RequestError::TooLarge);
+    }
+    let collect = Limited::new(body, MAX_BODY_BYTES).collect();
+    match tokio::time::timeout(BODY_TIMEOUT, collect).await {
+        Err(_) => Err(RequestError::BodyTimeout(BODY_TIMEOUT.as_secs())),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(RequestError::TooLarge),
+        Ok(Err(e)) => Err(RequestError::Body(e.to_string())),
+    }
+}
+
+async fn review(service: &Service, endpoint: Endpoint, req: Request) -> Response {
+    let start = Instant::now();
+    let (parts, body) = req.into_parts();
+    if parts.extensions.get::<ClientCert>() == Some(&ClientCert::Absent) {
+        return service.refused(endpoint, RequestError::Unauthenticated);
+    }
+    let body = match read_body(&parts.headers, body).await {
+        Ok(bytes) => bytes,
+        Err(e) => return service.refused(endpoint, e),
+    };
+    let (answer, answered) = match service.answer(endpoint, &body, Instant::now()) {
+        Ok(done) => done,
+        Err(e) => return service.refused(endpoint, e.into()),
+    };
+    service.metrics.observe(
+        endpoint.name(),
+        answered.verdict,
+        answered.reason,
+        start.elapsed(),
+    );
+    ([(header::CONTENT_TYPE, "application/json")], answer).into_response()
+}
