@@ -1,7 +1,11 @@
-//! Faults under steady load: a webhook replica stopped and restarted behind a balancer, and a
-//! webhook whose watches lose the API server while the API server still reaches it.
+//! Faults: under steady load, a webhook replica stopped and restarted behind a balancer; a
+//! webhook whose watches lose the API server while the API server still reaches it; and
+//! kube-apiserver itself restarted, after which the webhook's watches must resume.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, ensure};
 use bulwark_e2e::{
@@ -13,7 +17,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use serde_json::json;
 
-use crate::support::{Ctx, SteadyLoad, eventually, metric_at, pod};
+use crate::support::{Ctx, eventually, metric_at, pod, steady_load, unschedulable, until_decision};
 
 /// Points both registrations at `base_url` and gives kube-apiserver's configuration informer a
 /// moment to see it.
@@ -62,17 +66,7 @@ pub async fn webhook_restart_under_load_loses_no_admission(ctx: &mut Ctx) -> any
 }
 
 async fn restart_body(ctx: &mut Ctx, balancer: &Proxy) -> anyhow::Result<()> {
-    let ns = ctx
-        .namespace(
-            "restart",
-            &[
-                ("bulwark.io/pod-rate", "1000/s"),
-                ("bulwark.io/pod-burst", "1000"),
-            ],
-        )
-        .await?;
-    let load = SteadyLoad::start(ctx.pods(&ns), "steady", Duration::from_millis(50));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let load = steady_load(ctx, "restart").await?;
 
     ensure!(
         stop(ctx, "bulwark-webhook"),
@@ -255,5 +249,47 @@ async fn stale_body(ctx: &mut Ctx, partition: &Proxy, metrics: u16) -> anyhow::R
         "    watch cut: refusals from the snapshot, then admitted with a warning {:.1}s after the cut (limit 5s); counted again once the watches delivered",
         opened_after.as_secs_f64()
     );
+    Ok(())
+}
+
+pub async fn watches_resume_after_apiserver_restart(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let ns = ctx
+        .namespace("restart", &[("bulwark.io/max-pending-pods", "2")])
+        .await?;
+    for name in ["held-0", "held-1"] {
+        ctx.create(&ns, &unschedulable(name)).await?.admitted()?;
+    }
+    let restart = ctx
+        .cluster
+        .restart_apiserver(Duration::from_secs(5))
+        .await?;
+    let ready = restart.ready;
+    println!(
+        "    kube-apiserver: {:.1}s from SIGTERM to exit, down {:.1}s, ready again",
+        (restart.stopped - restart.signalled).as_secs_f64(),
+        (restart.ready - restart.stopped).as_secs_f64()
+    );
+    // The snapshot from before the restart still decides: the namespace is full.
+    ctx.dry_run(&ns, &pod("probe", json!({})))
+        .await?
+        .refused()?;
+    ctx.delete_pod(&ns, "held-0").await?;
+    let deleted = Instant::now();
+    let caught_up = until_decision(ctx, &ns, true, Duration::from_secs(45)).await?;
+    println!(
+        "    after the restart, decisions reflected a deletion {:.1}s later ({:.1}s after the API server was ready)",
+        caught_up.as_secs_f64(),
+        (deleted + caught_up - ready).as_secs_f64()
+    );
+    let log = std::fs::read_to_string(ctx.cluster.log(Component::Webhook))?;
+    ensure!(
+        log.contains("watch failed; retrying with back-off"),
+        "the webhook never noticed the API server going away"
+    );
+    // And the webhook keeps counting correctly afterwards.
+    ctx.create(&ns, &unschedulable("held-2"))
+        .await?
+        .admitted()?;
+    ctx.create(&ns, &unschedulable("held-3")).await?.refused()?;
     Ok(())
 }

@@ -5,7 +5,6 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, ensure};
-use bulwark_e2e::cluster::{Component, NODE_CONTROLLER_LEASE, lease_holder};
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
@@ -21,7 +20,7 @@ use serde_json::json;
 
 use crate::support::{Ctx, eventually};
 
-const UNHEALTHY_TAINT: &str = "bulwark.io/unhealthy";
+pub const UNHEALTHY_TAINT: &str = "bulwark.io/unhealthy";
 const MARKED: &str = "bulwark.io/marked-for-removal";
 const KWOK_ANNOTATION: &str = "kwok.x-k8s.io/node";
 /// From the e2e cluster's config: grace 2s, removeAfter 5s, recoverAfter 3s,
@@ -31,7 +30,7 @@ const REMOVE_AFTER: Duration = Duration::from_secs(5);
 const LEASE_STALE_AFTER: Duration = Duration::from_secs(6);
 const STORM_COOLDOWN: Duration = Duration::from_secs(5);
 
-fn nodes(ctx: &Ctx) -> Api<Node> {
+pub fn nodes(ctx: &Ctx) -> Api<Node> {
     Api::all(ctx.client.clone())
 }
 
@@ -45,7 +44,11 @@ fn system_time(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> Syst
 
 /// Takes the node from kwok (no more heartbeats or lease renewals) and, with `condition`,
 /// sets that node-problem-detector condition to True as of now.
-async fn break_node(ctx: &Ctx, name: &str, condition: Option<&str>) -> anyhow::Result<SystemTime> {
+pub async fn break_node(
+    ctx: &Ctx,
+    name: &str,
+    condition: Option<&str>,
+) -> anyhow::Result<SystemTime> {
     let api = nodes(ctx);
     let unmanage = json!({"metadata": {"annotations": {KWOK_ANNOTATION: null}}});
     api.patch(name, &PatchParams::default(), &Patch::Merge(&unmanage))
@@ -99,7 +102,7 @@ async fn until_restored(ctx: &Ctx, name: &str) -> anyhow::Result<()> {
     .await
 }
 
-fn taint_added(node: &Node, key: &str) -> Option<(String, Option<SystemTime>)> {
+pub fn taint_added(node: &Node, key: &str) -> Option<(String, Option<SystemTime>)> {
     node.spec
         .as_ref()?
         .taints
@@ -115,7 +118,7 @@ fn taint_added(node: &Node, key: &str) -> Option<(String, Option<SystemTime>)> {
 }
 
 /// Waits for bulwark's unhealthy taint on `node`: its value and `timeAdded`.
-async fn until_tainted(
+pub async fn until_tainted(
     ctx: &Ctx,
     node: &str,
     limit: Duration,
@@ -128,14 +131,14 @@ async fn until_tainted(
     .await
 }
 
-fn marked(node: &Node) -> bool {
+pub fn marked(node: &Node) -> bool {
     node.metadata
         .annotations
         .as_ref()
         .is_some_and(|a| a.contains_key(MARKED))
 }
 
-async fn events(ctx: &Ctx, node: &str, reason: &str) -> anyhow::Result<Vec<CoreEvent>> {
+pub async fn events(ctx: &Ctx, node: &str, reason: &str) -> anyhow::Result<Vec<CoreEvent>> {
     let api: Api<CoreEvent> = Api::all(ctx.client.clone());
     let lp = ListParams::default().fields(&format!(
         "involvedObject.kind=Node,involvedObject.name={node},reason={reason}"
@@ -145,7 +148,7 @@ async fn events(ctx: &Ctx, node: &str, reason: &str) -> anyhow::Result<Vec<CoreE
 
 /// Runs `body`, then heals `broken` whatever happened, and waits until bulwark has restored
 /// them, so the next test starts from healthy nodes.
-async fn with_broken<F, Fut>(
+pub async fn with_broken<F, Fut>(
     ctx: &Ctx,
     broken: &[(&str, Option<&str>)],
     body: F,
@@ -376,210 +379,4 @@ pub async fn many_unhealthy_nodes_hold_remediation(ctx: &mut Ctx) -> anyhow::Res
     // After the storm the controller holds on a little; later tests expect it acting.
     tokio::time::sleep(STORM_COOLDOWN).await;
     Ok(())
-}
-
-/// Puts another node controller (`name`, `identity`, `flags`) in the place of the cluster's
-/// own, which gives up its Lease on SIGTERM, and waits until the newcomer leads.
-async fn swap_in(ctx: &mut Ctx, name: &str, identity: &str, flags: &[&str]) -> anyhow::Result<()> {
-    ctx.cluster
-        .stop_named(Component::NodeController.name(), false);
-    ctx.cluster.spawn_node_controller(name, identity, flags)?;
-    until_leader(ctx, identity, Duration::from_secs(30)).await?;
-    Ok(())
-}
-
-/// Stops the controller `swap_in` started and brings the cluster's own back as leader.
-async fn swap_back(ctx: &mut Ctx, name: &str) -> anyhow::Result<()> {
-    ctx.cluster.stop_named(name, false);
-    ctx.cluster.start_component(Component::NodeController)?;
-    until_leader(ctx, "e2e-primary", Duration::from_secs(30)).await?;
-    Ok(())
-}
-
-/// The e2e config with more `nodeController:` lines, written into the cluster directory.
-fn config_with(ctx: &Ctx, file: &str, lines: &str) -> anyhow::Result<String> {
-    let path = ctx.state().dir.join(file);
-    std::fs::write(
-        &path,
-        format!("{}{lines}", bulwark_e2e::cluster::BULWARK_CONFIG),
-    )?;
-    Ok(format!("--config={}", path.display()))
-}
-
-pub async fn dry_run_changes_nothing(ctx: &mut Ctx) -> anyhow::Result<()> {
-    swap_in(
-        ctx,
-        "node-controller-dry-run",
-        "e2e-dry-run",
-        &["--dry-run"],
-    )
-    .await?;
-    let result = dry_run_body(ctx).await;
-    swap_back(ctx, "node-controller-dry-run").await?;
-    result
-}
-
-async fn dry_run_body(ctx: &Ctx) -> anyhow::Result<()> {
-    let node = "kwok-node-4";
-    with_broken(ctx, &[(node, Some("KernelDeadlock"))], || async {
-        break_node(ctx, node, Some("KernelDeadlock")).await?;
-        let event = eventually(Duration::from_secs(15), "the dry-run Event", || async {
-            Ok(events(ctx, node, "Tainted").await?.into_iter().find(|e| {
-                e.message
-                    .as_deref()
-                    .is_some_and(|m| m.starts_with("dry run, nothing changed"))
-            }))
-        })
-        .await?;
-        println!("    {}", event.message.unwrap_or_default());
-        let n = nodes(ctx).get(node).await?;
-        ensure!(
-            taint_added(&n, UNHEALTHY_TAINT).is_none() && !marked(&n),
-            "dry run changed the node"
-        );
-        Ok(())
-    })
-    .await
-}
-
-pub async fn exec_removal_runs_the_command(ctx: &mut Ctx) -> anyhow::Result<()> {
-    let record = ctx.state().dir.join("removed.txt");
-    let lines = format!(
-        "  removal: exec\n  removalCommand: [sh, -c, 'echo \"$BULWARK_NODE $BULWARK_REASON\" >> {}']\n",
-        record.display()
-    );
-    let config = config_with(ctx, "exec.yaml", &lines)?;
-    swap_in(ctx, "node-controller-exec", "e2e-exec", &[&config]).await?;
-    let result = exec_body(ctx, &record).await;
-    swap_back(ctx, "node-controller-exec").await?;
-    result
-}
-
-pub async fn delete_node_removal_deletes_the_node(ctx: &mut Ctx) -> anyhow::Result<()> {
-    let config = config_with(ctx, "delete.yaml", "  removal: delete-node\n")?;
-    swap_in(ctx, "node-controller-delete", "e2e-delete", &[&config]).await?;
-    let result = delete_body(ctx).await;
-    swap_back(ctx, "node-controller-delete").await?;
-    result
-}
-
-async fn delete_body(ctx: &Ctx) -> anyhow::Result<()> {
-    let node = "kwok-node-4";
-    break_node(ctx, node, Some("KernelDeadlock")).await?;
-    let api = nodes(ctx);
-    let gone = eventually(
-        Duration::from_secs(20),
-        "the Node to be deleted",
-        || async { Ok(api.get_opt(node).await?.is_none().then_some(())) },
-    )
-    .await;
-    // A replacement comes up under the same name, for the tests that follow.
-    if api.get_opt(node).await?.is_none() {
-        api.create(
-            &Default::default(),
-            &bulwark_e2e::objects::kwok_node(4, bulwark_e2e::cluster::DEFAULT_PODS_PER_NODE),
-        )
-        .await?;
-    }
-    eventually(
-        Duration::from_secs(30),
-        "the replacement node Ready",
-        || async {
-            let n = api.get(node).await?;
-            let ready = n
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            Ok(ready.then_some(()))
-        },
-    )
-    .await?;
-    gone
-}
-
-async fn exec_body(ctx: &Ctx, record: &std::path::Path) -> anyhow::Result<()> {
-    let node = "kwok-node-4";
-    with_broken(ctx, &[(node, Some("KernelDeadlock"))], || async {
-        break_node(ctx, node, Some("KernelDeadlock")).await?;
-        let line = eventually(
-            Duration::from_secs(20),
-            "the removal command to run",
-            || async {
-                Ok(std::fs::read_to_string(record)
-                    .ok()
-                    .filter(|t| !t.is_empty()))
-            },
-        )
-        .await?;
-        ensure!(
-            line.trim() == format!("{node} KernelDeadlock"),
-            "command wrote {line:?}"
-        );
-        ensure!(
-            marked(&nodes(ctx).get(node).await?),
-            "node not marked before the command"
-        );
-        Ok(())
-    })
-    .await
-}
-
-async fn until_leader(ctx: &Ctx, identity: &str, limit: Duration) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    eventually(limit, &format!("{identity} to lead"), || async {
-        Ok((lease_holder(&ctx.client).await?.as_deref() == Some(identity)).then_some(()))
-    })
-    .await?;
-    Ok(start.elapsed())
-}
-
-pub async fn leadership_fails_over(ctx: &mut Ctx) -> anyhow::Result<()> {
-    ctx.cluster
-        .spawn_node_controller("node-controller-standby", "e2e-standby", &[])?;
-    let result = failover_body(ctx).await;
-    ctx.cluster.stop_named("node-controller-standby", false);
-    if !ctx
-        .cluster
-        .running()
-        .iter()
-        .any(|c| c == Component::NodeController.name())
-    {
-        ctx.cluster.start_component(Component::NodeController)?;
-    }
-    until_leader(ctx, "e2e-primary", Duration::from_secs(30)).await?;
-    result
-}
-
-async fn failover_body(ctx: &mut Ctx) -> anyhow::Result<()> {
-    until_leader(ctx, "e2e-primary", Duration::from_secs(5)).await?;
-    // The standby follows for as long as the leader renews.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    ensure!(lease_holder(&ctx.client).await?.as_deref() == Some("e2e-primary"));
-    // A crash: no chance to give the lease up.
-    ctx.cluster
-        .stop_named(Component::NodeController.name(), true);
-    let took = until_leader(ctx, "e2e-standby", Duration::from_secs(25)).await?;
-    println!(
-        "    standby took over {:.1}s after the leader was killed (lease duration 15s)",
-        took.as_secs_f64()
-    );
-    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), "bulwark-system");
-    let transitions = leases
-        .get(NODE_CONTROLLER_LEASE)
-        .await?
-        .spec
-        .and_then(|s| s.lease_transitions)
-        .unwrap_or(0);
-    ensure!(transitions >= 1, "leaseTransitions {transitions}");
-    // And the new leader acts.
-    let ctx = &*ctx;
-    let node = "kwok-node-4";
-    with_broken(ctx, &[(node, Some("KernelDeadlock"))], || async {
-        break_node(ctx, node, Some("KernelDeadlock")).await?;
-        until_tainted(ctx, node, Duration::from_secs(15)).await?;
-        Ok(())
-    })
-    .await
 }

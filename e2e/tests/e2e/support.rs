@@ -1,4 +1,5 @@
-//! What the end-to-end tests share: the cluster, namespaces with annotations, pods, kubectl.
+//! What the end-to-end tests share: the cluster, namespaces with annotations, pods and their
+//! resources, kubectl, polling, metrics, and a steady load of pod creations.
 
 use std::{
     collections::BTreeMap,
@@ -12,7 +13,10 @@ use std::{
 
 use anyhow::{Context, bail};
 use bulwark_e2e::{Cluster, State};
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod, ServiceAccount},
+    apimachinery::pkg::api::resource::Quantity,
+};
 use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
@@ -91,6 +95,37 @@ fn merge(base: &mut Value, extra: Value) {
         }
         (b, e) => *b = e,
     }
+}
+
+/// Resource names and quantities as written, e.g. `[("cpu", "100m")]`.
+pub type Amounts = Vec<(String, String)>;
+
+/// Requests and limits of a container.
+pub fn resources(pod: &Pod, container: &str) -> (Amounts, Amounts) {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let all = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten());
+    let Some(c) = all.into_iter().find(|c| c.name == container) else {
+        return (Vec::new(), Vec::new());
+    };
+    let flat = |m: Option<std::collections::BTreeMap<String, Quantity>>| -> Amounts {
+        m.unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect()
+    };
+    let r = c.resources.clone().unwrap_or_default();
+    (flat(r.requests), flat(r.limits))
+}
+
+/// [`Amounts`] from literals, to compare with [`resources`].
+pub fn pairs(items: &[(&str, &str)]) -> Amounts {
+    items
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
 }
 
 impl Ctx {
@@ -302,6 +337,23 @@ where
     bulwark_e2e::poll::until(limit, Duration::from_millis(100), what, || Ok(()), probe).await
 }
 
+/// Polls dry-run creations until bulwark answers `admit`; returns how long that took.
+pub async fn until_decision(
+    ctx: &Ctx,
+    ns: &str,
+    admit: bool,
+    limit: Duration,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let probe = pod("probe", json!({}));
+    eventually(limit, "bulwark's decision to change", || async {
+        let created = ctx.dry_run(ns, &probe).await?;
+        Ok((created.is_admitted() == admit).then_some(()))
+    })
+    .await?;
+    Ok(start.elapsed())
+}
+
 /// The sum of a metric's samples whose labels match, from a plain-HTTP /metrics.
 pub fn metric_at(port: u16, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
     let text = bulwark_e2e::cluster::plain_get(port, "/metrics")?;
@@ -386,4 +438,22 @@ impl SteadyLoad {
             errors,
         ))
     }
+}
+
+/// A [`SteadyLoad`] of a pod every 50 ms in a fresh namespace (`prefix`) whose rate never
+/// holds it back, already 2 s under way: what a fault test keeps running while it breaks
+/// something.
+pub async fn steady_load(ctx: &mut Ctx, prefix: &str) -> anyhow::Result<SteadyLoad> {
+    let ns = ctx
+        .namespace(
+            prefix,
+            &[
+                ("bulwark.io/pod-rate", "1000/s"),
+                ("bulwark.io/pod-burst", "1000"),
+            ],
+        )
+        .await?;
+    let load = SteadyLoad::start(ctx.pods(&ns), "steady", Duration::from_millis(50));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(load)
 }
