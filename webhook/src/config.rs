@@ -10,7 +10,8 @@ use serde::Deserialize;
 use crate::{
     nodes,
     policy::{KNOBS, Policy, pod::PodRules},
-    quota, review,
+    quota,
+    review::{self, caller::QueueingClients},
     value::{Invalid, Scalar},
 };
 
@@ -52,6 +53,8 @@ struct RawConfig {
     reservation_ttl_seconds: Option<Scalar>,
     max_retry_after_seconds: Option<Scalar>,
     cache_stale_limit_seconds: Option<Scalar>,
+    queueing_controllers: Option<bool>,
+    queueing_clients: Option<Vec<String>>,
     #[serde(default)]
     node_controller: nodes::config::RawSettings,
 }
@@ -119,11 +122,19 @@ impl Config {
             max_retry_after_seconds: raw.max_retry_after_seconds.as_ref(),
             cache_stale_limit_seconds: raw.cache_stale_limit_seconds.as_ref(),
         })?;
+        let mut queueing = QueueingClients::default();
+        if let Some(controllers) = raw.queueing_controllers {
+            queueing.controllers = controllers;
+        }
+        if let Some(names) = raw.queueing_clients {
+            queueing.names = names;
+        }
         Ok(Config {
             webhook: review::Settings {
                 defaults: parse_defaults(&raw.defaults)?,
                 pods,
                 quota,
+                queueing,
             },
             node_controller: nodes::Settings::parse(&raw.node_controller)?,
         })
@@ -213,6 +224,8 @@ workflowReservedShare: 25%
 reservationTtlSeconds: 10
 maxRetryAfterSeconds: 60
 cacheStaleLimitSeconds: 30
+queueingControllers: false
+queueingClients: [system:serviceaccount:argo:argo-workflow-controller, ci-runners]
 "#,
             "test.yaml",
         )
@@ -234,6 +247,10 @@ cacheStaleLimitSeconds: 30
         assert_eq!(q.reservation_ttl, Duration::from_secs(10));
         assert_eq!(q.max_retry_after, Duration::from_secs(60));
         assert_eq!(q.cache_stale_limit, Duration::from_secs(30));
+        let queueing = &c.webhook.queueing;
+        assert!(!queueing.controllers);
+        assert_eq!(queueing.names.len(), 2);
+        assert_eq!(queueing.names[1], "ci-runners");
     }
 
     #[test]

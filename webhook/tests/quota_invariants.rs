@@ -158,6 +158,7 @@ impl World {
             policy: &self.policy,
             ask,
             commit,
+            joins_line: true,
         };
         let admitted = self
             .ledger

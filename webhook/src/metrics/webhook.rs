@@ -25,6 +25,8 @@ pub struct AdmissionMetrics {
     pub duration: HistogramVec,
     pub refusals: IntCounterVec,
     pub bad_requests: IntCounterVec,
+    refusal_forms: IntCounterVec,
+    retry_after: prometheus::Histogram,
 }
 
 /// Invalid namespace annotations (set by the namespace watch).
@@ -107,6 +109,25 @@ impl WebhookMetrics {
                 "bad_requests_total",
                 "Requests answered with HTTP 400",
                 &["endpoint", "error"],
+            ),
+            refusal_forms: counter(
+                r,
+                "refusal_forms_total",
+                "Enforced refusals by form: retry_after (retryAfterSeconds, the client waits \
+                 inside its call) or immediate (none: the client's own queue retries)",
+                &["form"],
+            ),
+            retry_after: register(
+                r,
+                prometheus::Histogram::with_opts(
+                    HistogramOpts::new(
+                        "retry_after_seconds",
+                        "The wait each enforced refusal named (sent as retryAfterSeconds in the \
+                         retry_after form, in the message only in the immediate form)",
+                    )
+                    .buckets(vec![1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 45.0]),
+                )
+                .expect("valid metric"),
             ),
         };
         let policy = PolicyMetrics {
@@ -211,6 +232,12 @@ impl Scrape for WebhookMetrics {
 }
 
 impl AdmissionMetrics {
+    /// An enforced refusal in `form`, naming a wait of `retry_after` seconds.
+    pub fn refused(&self, form: &str, retry_after: u32) {
+        self.refusal_forms.with_label_values(&[form]).inc();
+        self.retry_after.observe(f64::from(retry_after));
+    }
+
     pub fn observe(&self, endpoint: &str, verdict: &str, reason: &str, took: Duration) {
         self.requests
             .with_label_values(&[endpoint, verdict, reason])

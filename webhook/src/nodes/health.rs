@@ -28,6 +28,10 @@ pub struct NodeView {
     pub provider_id: Option<String>,
     /// Empty when healthy.
     pub signals: Vec<Signal>,
+    /// Its Lease was last renewed more than half of `leaseStaleAfter` ago, though not yet
+    /// stale: one such node is a node slowing down, many at once are a control plane or a
+    /// network that lags.
+    pub heartbeat_late: bool,
     /// When bulwark's unhealthy taint was added, if the node carries it.
     pub tainted_since: Option<SystemTime>,
     /// bulwark has already acted to remove this node.
@@ -72,6 +76,14 @@ fn time(
     t.map_or(or, |t| SystemTime::from(t.0))
 }
 
+/// When the node's Lease was last renewed, if it has one.
+fn renewed(lease: Option<&Lease>) -> Option<SystemTime> {
+    lease
+        .and_then(|l| l.spec.as_ref())
+        .and_then(|s| s.renew_time.as_ref())
+        .map(|t| SystemTime::from(t.0))
+}
+
 /// The signals of a node at `now`. A node without a Lease (no kubelet heartbeat object) is
 /// judged by its conditions only.
 pub fn signals(node: &Node, lease: Option<&Lease>, cfg: &Signals, now: SystemTime) -> Vec<Signal> {
@@ -99,11 +111,7 @@ pub fn signals(node: &Node, lease: Option<&Lease>, cfg: &Signals, now: SystemTim
             since,
         });
     }
-    if let Some(renewed) = lease
-        .and_then(|l| l.spec.as_ref())
-        .and_then(|s| s.renew_time.as_ref())
-        .map(|t| SystemTime::from(t.0))
-    {
+    if let Some(renewed) = renewed(lease) {
         let stale_at = renewed + cfg.lease_stale_after;
         if now >= stale_at {
             out.push(Signal {
@@ -133,6 +141,10 @@ pub fn view(node: &Node, lease: Option<&Lease>, cfg: &Signals, now: SystemTime) 
             .cloned(),
         provider_id: node.spec.as_ref().and_then(|s| s.provider_id.clone()),
         signals: signals(node, lease, cfg, now),
+        heartbeat_late: renewed(lease).is_some_and(|r| {
+            let age = now.duration_since(r).unwrap_or_default();
+            age > cfg.lease_stale_after / 2 && age < cfg.lease_stale_after
+        }),
         // A taint without a time (added by hand) counts from now: the full remove-after wait.
         tainted_since: ours.map(|t| time(t.time_added.as_ref(), now)),
         marked: annotations.is_some_and(|a| a.contains_key(MARKED_ANNOTATION))
@@ -176,6 +188,39 @@ mod tests {
             conditions: vec!["KernelDeadlock".into(), "ReadonlyFilesystem".into()],
             lease_stale_after: Duration::from_secs(40),
         }
+    }
+
+    fn lease(renewed: SystemTime) -> Lease {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "namespace": "kube-node-lease"},
+            "spec": {"renewTime": k8s_openapi::jiff::Timestamp::try_from(renewed)
+                .map(|t| t.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+                .unwrap_or_default()},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_lease_older_than_half_the_stale_limit_is_late() {
+        let n = node(
+            serde_json::json!([{"type": "Ready", "status": "True"}]),
+            serde_json::json!({}),
+        );
+        // leaseStaleAfter 40s: 20s is on time, 21s late, 40s stale (and no longer "late").
+        for (age, late, stale) in [
+            (5, false, false),
+            (20, false, false),
+            (21, true, false),
+            (40, false, true),
+        ] {
+            let v = view(&n, Some(&lease(at(100))), &cfg(), at(100 + age));
+            assert_eq!(v.heartbeat_late, late, "{age}s");
+            assert_eq!(v.unhealthy(), stale, "{age}s");
+        }
+        assert!(
+            !view(&n, None, &cfg(), at(1000)).heartbeat_late,
+            "no lease: conditions only"
+        );
     }
 
     #[test]

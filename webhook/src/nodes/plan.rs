@@ -92,6 +92,15 @@ pub enum Hold {
         total: usize,
         limit: MaxUnhealthy,
     },
+    /// Unhealthy nodes and nodes whose heartbeats are late together are more than
+    /// `max_unhealthy` allows: the API server, its clients or the network lag, and leases
+    /// would go stale one node after another although the nodes are fine.
+    LateHeartbeats {
+        late: usize,
+        unhealthy: usize,
+        total: usize,
+        limit: MaxUnhealthy,
+    },
     ZoneDown {
         zone: String,
         nodes: usize,
@@ -107,6 +116,7 @@ impl Hold {
     pub fn kind(&self) -> &'static str {
         match self {
             Hold::TooManyUnhealthy { .. } => "too_many_unhealthy",
+            Hold::LateHeartbeats { .. } => "late_heartbeats",
             Hold::ZoneDown { .. } => "zone_down",
             Hold::Cooldown { .. } => "cooldown",
         }
@@ -124,6 +134,17 @@ impl std::fmt::Display for Hold {
                 f,
                 "{unhealthy} of {total} nodes are unhealthy, more than max-unhealthy {limit} \
                  allows: suspecting the network or the control plane, not the nodes"
+            ),
+            Hold::LateHeartbeats {
+                late,
+                unhealthy,
+                total,
+                limit,
+            } => write!(
+                f,
+                "{late} of {total} nodes' heartbeats are late and {unhealthy} nodes are \
+                 unhealthy, more than max-unhealthy {limit} allows: suspecting the API server \
+                 or the network, not the nodes"
             ),
             Hold::ZoneDown { zone, nodes } => write!(
                 f,
@@ -197,12 +218,27 @@ fn elapsed(now: SystemTime, since: SystemTime) -> Duration {
 fn hold(t: &Timing, nodes: &[NodeView], mem: &mut Memory, now: SystemTime) -> Option<Hold> {
     let counted = |n: &&NodeView| n.unhealthy() || n.tainted_since.is_some() || n.marked;
     let unhealthy = nodes.iter().filter(counted).count();
-    let mut storm =
-        (unhealthy > t.max_unhealthy.limit(nodes.len())).then_some(Hold::TooManyUnhealthy {
+    let limit = t.max_unhealthy.limit(nodes.len());
+    let late = nodes
+        .iter()
+        .filter(|n| n.heartbeat_late && !counted(n))
+        .count();
+    let mut storm = if unhealthy > limit {
+        Some(Hold::TooManyUnhealthy {
             unhealthy,
             total: nodes.len(),
             limit: t.max_unhealthy,
-        });
+        })
+    } else if unhealthy + late > limit {
+        Some(Hold::LateHeartbeats {
+            late,
+            unhealthy,
+            total: nodes.len(),
+            limit: t.max_unhealthy,
+        })
+    } else {
+        None
+    };
     if storm.is_none() {
         let mut zones: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
         for n in nodes {
@@ -327,6 +363,7 @@ mod tests {
             zone: None,
             provider_id: None,
             signals: vec![],
+            heartbeat_late: false,
             tainted_since: None,
             marked: false,
             opted_out: false,
@@ -426,6 +463,51 @@ mod tests {
         assert!(plan(&t, &recovered, &mut mem, at(222)).actions.is_empty());
         let p = plan(&t, &recovered, &mut mem, at(342));
         assert_eq!(p.actions, vec![Action::Restore { node: "n".into() }]);
+    }
+
+    #[test]
+    fn many_late_heartbeats_hold_the_node_whose_lease_went_stale_first() {
+        let t = timing();
+        let mut mem = Memory::default();
+        let late = |name: &str| NodeView {
+            heartbeat_late: true,
+            ..healthy(name)
+        };
+        // The API server lags: one lease went stale, three more are late. 1 + 3 of 10 is
+        // within 40%, so the first node is tainted...
+        let mut nodes: Vec<NodeView> = vec![sick("first", 0)];
+        nodes.extend((0..3).map(|i| late(&format!("late-{i}"))));
+        let nodes = pool(nodes, 10);
+        let p = plan(&t, &nodes, &mut mem, at(60));
+        assert_eq!(p.actions, vec![taint("first")]);
+        // ...but with 1 + 4 late, more than 4 nodes look bad: held, and the candidate shown.
+        let mut mem = Memory::default();
+        let mut lagging: Vec<NodeView> = vec![sick("first", 0)];
+        lagging.extend((0..4).map(|i| late(&format!("late-{i}"))));
+        let lagging = pool(lagging, 10);
+        let p = plan(&t, &lagging, &mut mem, at(60));
+        assert!(
+            matches!(
+                p.hold,
+                Some(Hold::LateHeartbeats {
+                    late: 4,
+                    unhealthy: 1,
+                    total: 10,
+                    ..
+                })
+            ),
+            "{p:?}"
+        );
+        assert!(p.actions.is_empty());
+        assert_eq!(p.held, vec!["first".to_string()]);
+        let text = p.hold.map(|h| h.to_string()).unwrap_or_default();
+        assert!(
+            text.contains("4 of 10 nodes' heartbeats are late"),
+            "{text}"
+        );
+        // Heartbeats catch up: the cool-down still holds before anything new is done.
+        let p = plan(&t, &pool(vec![sick("first", 0)], 10), &mut mem, at(61));
+        assert!(matches!(p.hold, Some(Hold::Cooldown { .. })), "{p:?}");
     }
 
     #[test]

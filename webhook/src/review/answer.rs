@@ -8,7 +8,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse};
 
 use super::{
-    Settings, defaults,
+    Settings,
+    caller::RefusalForm,
+    defaults,
     wire::{Review, too_many_requests},
 };
 use crate::{
@@ -177,12 +179,15 @@ impl Admitter {
         if let Some(stale) = &stale {
             warnings.push(stale.warning());
         }
+        let form = self.settings.queueing.form(&req.user_info);
         let request = Request {
             namespace: ns,
             name,
             policy,
             ask,
             commit,
+            // Only a client told when to come back waits in line for that time.
+            joins_line: form == RefusalForm::RetryAfter,
         };
         let result = self.ledger.admit(&*self.view, &request, &limits, now);
         let Err(refusal) = result else {
@@ -209,10 +214,13 @@ impl Admitter {
             namespace = ns,
             reason = refusal.reason(),
             retry_after = retry,
+            form = form.label(),
             dry_run = req.dry_run,
             "refused pod creation"
         );
-        let resp = with_warnings(too_many_requests(allow, message, retry), warnings);
+        self.metrics.refused(form.label(), retry);
+        let hint = (form == RefusalForm::RetryAfter).then_some(retry);
+        let resp = with_warnings(too_many_requests(allow, message, hint), warnings);
         (resp, answered("refused", refusal.reason()))
     }
 }
@@ -223,11 +231,11 @@ mod tests {
 
     use super::*;
     use crate::{
-        cluster::cache::{Cache, Watched},
+        cluster::cache::{Cache, PodEntry, PodState, Watched},
         metrics::webhook::WebhookMetrics,
         policy::Policy,
         quota::{self, ClusterLimits},
-        review::{fixtures::Fixture, wire::decode},
+        review::{caller::QueueingClients, fixtures::Fixture, wire::decode},
     };
 
     fn review(uid: &str) -> Review {
@@ -290,5 +298,114 @@ mod tests {
         cache.mark_synced(Watched::Pods, at);
         let (resp, o) = admitter.validate(&review("e"), at);
         assert!(!resp.allowed && o.reason == "max_pods", "{o:?}");
+    }
+
+    /// An admitter over an empty cache, for namespaces whose defaults are `policy`.
+    fn admitter_and_cache(policy: Policy, queueing: QueueingClients) -> (Admitter, Arc<Cache>) {
+        let settings = Settings {
+            defaults: policy.clone(),
+            queueing,
+            ..Settings::default()
+        };
+        let cache = Arc::new(Cache::new(policy, vec![]));
+        let admitter = Admitter::new(
+            Arc::new(settings),
+            cache.clone(),
+            Arc::new(Ledger::new(Duration::from_secs(600), Instant::now())),
+            WebhookMetrics::new().admission,
+        );
+        (admitter, cache)
+    }
+
+    fn admitter(policy: Policy, queueing: QueueingClients) -> Admitter {
+        admitter_and_cache(policy, queueing).0
+    }
+
+    fn by(user: &str, uid: &str) -> Review {
+        decode(
+            &Fixture::pod_create()
+                .uid(uid)
+                .name(uid)
+                .user(user, &[])
+                .bytes(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn controllers_are_refused_without_retry_after_and_people_with_it() {
+        let full = Policy {
+            rate: None,
+            max_pods: Some(0),
+            ..Policy::default()
+        };
+        let a = admitter(full.clone(), QueueingClients::default());
+        let t = Instant::now();
+        let job = "system:serviceaccount:kube-system:job-controller";
+        let (resp, o) = a.validate(&by(job, "a"), t);
+        assert!(!resp.allowed && o.reason == "max_pods", "{o:?}");
+        assert_eq!(resp.result.code, 429);
+        assert_eq!(resp.result.reason, "TooManyRequests");
+        assert!(resp.result.details.is_none(), "{:?}", resp.result.details);
+        assert!(
+            resp.result.message.contains("at its limit of 0"),
+            "{}",
+            resp.result.message
+        );
+
+        let (resp, _) = a.validate(&by("kubernetes-admin", "b"), t);
+        assert_eq!(resp.result.code, 429);
+        let retry = resp.result.details.map(|d| d.retry_after_seconds);
+        assert!(retry.is_some_and(|s| s >= 1), "{retry:?}");
+
+        // The old form for controllers, by config.
+        let old = QueueingClients {
+            controllers: false,
+            names: vec![],
+        };
+        let (resp, _) = admitter(full, old).validate(&by(job, "c"), t);
+        assert!(resp.result.details.is_some());
+    }
+
+    #[test]
+    fn only_clients_told_when_to_come_back_wait_in_line() {
+        let capped = Policy {
+            rate: None,
+            max_pods: None,
+            max_pending_pods: Some(0),
+            ..Policy::default()
+        };
+        let (a, cache) = admitter_and_cache(capped, QueueingClients::default());
+        let t = Instant::now();
+        // 50 pods of namespace "ci" just started: pending pods drain at 5 per second.
+        for i in 0..50 {
+            let name = format!("started-{i}");
+            let entry = |state| PodEntry {
+                state,
+                pending_exempt: false,
+                workflow: None,
+            };
+            cache.apply_pod("ci", &name, entry(PodState::Pending), t);
+            cache.apply_pod("ci", &name, entry(PodState::Running), t);
+        }
+        let retry = |user: &str, uid: &str| {
+            let (resp, _) = a.validate(&by(user, uid), t);
+            resp.result.details.map(|d| d.retry_after_seconds)
+        };
+        // 20 refused controllers retry on their own: they are not in line...
+        for i in 0..20 {
+            let id = format!("c{i}");
+            assert_eq!(retry("system:kube-controller-manager", &id), None);
+        }
+        // ...so a person is first: one slot at 5 pods/s, 0.2 s, told 1 or 2 s (21 in line
+        // would be 4.2 s, told 5 to 7 s).
+        let first = retry("kubernetes-admin", "p0");
+        assert!(first.is_some_and(|s| (1..=2).contains(&s)), "{first:?}");
+        // People do line up behind each other.
+        for i in 1..20 {
+            retry("kubernetes-admin", &format!("p{i}"));
+        }
+        let later = retry("kubernetes-admin", "p20");
+        assert!(later.is_some_and(|s| s >= 5), "{later:?}");
     }
 }

@@ -54,6 +54,12 @@ impl Fixture {
         self
     }
 
+    /// The user the API server authenticated the request as.
+    pub fn user(mut self, username: &str, groups: &[&str]) -> Fixture {
+        self.0["request"]["userInfo"] = json!({"username": username, "groups": groups});
+        self
+    }
+
     pub fn dry_run(mut self, dry_run: bool) -> Fixture {
         self.0["request"]["dryRun"] = json!(dry_run);
         self

@@ -1,8 +1,10 @@
 //! Reviews in and out: the AdmissionReview wire format ([`wire`], with the lean pod view of
-//! [`lean`]), the defaults patch ([`defaults`]), and the two webhooks' answers ([`answer`]),
-//! which hand count and rate decisions to [`crate::quota`].
+//! [`lean`]), the defaults patch ([`defaults`]), the two webhooks' answers ([`answer`]),
+//! which hand count and rate decisions to [`crate::quota`], and the shape of a refusal for
+//! the client that gets it ([`caller`]).
 
 pub mod answer;
+pub mod caller;
 pub mod defaults;
 #[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
@@ -13,6 +15,7 @@ use crate::{
     policy::{Policy, pod::PodRules},
     quota,
 };
+use caller::QueueingClients;
 
 /// What the two webhooks decide by: `--config` but for the node controller's section.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -21,4 +24,6 @@ pub struct Settings {
     pub defaults: Policy,
     pub pods: PodRules,
     pub quota: quota::Settings,
+    /// Who is refused without `retryAfterSeconds`.
+    pub queueing: QueueingClients,
 }

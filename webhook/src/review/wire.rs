@@ -194,23 +194,25 @@ pub fn encode(response: AdmissionResponse) -> Vec<u8> {
     serde_json::to_vec(&review).unwrap_or_default()
 }
 
-/// The refusal shape of DESIGN.md: code 429, reason TooManyRequests, retryAfterSeconds, which
-/// kube-apiserver passes on as a `Retry-After` header that client-go honours.
+/// The refusal: code 429 and reason TooManyRequests, which kube-apiserver keeps. With
+/// `retry_after_seconds` it carries `details.retryAfterSeconds` (at least 1), which
+/// kube-apiserver passes on as a `Retry-After` header that client-go waits out inside the
+/// call; without, the call fails at once.
 pub fn too_many_requests(
     mut response: AdmissionResponse,
     message: String,
-    retry_after_seconds: u32,
+    retry_after_seconds: Option<u32>,
 ) -> AdmissionResponse {
     response.allowed = false;
     let mut status = Status::failure(&message, "TooManyRequests");
     status.code = 429;
-    status.details = Some(StatusDetails {
+    status.details = retry_after_seconds.map(|seconds| StatusDetails {
         name: String::new(),
         group: String::new(),
         kind: String::new(),
         uid: String::new(),
         causes: Vec::new(),
-        retry_after_seconds: retry_after_seconds.max(1),
+        retry_after_seconds: seconds.max(1),
     });
     response.result = status;
     response
@@ -375,7 +377,7 @@ mod tests {
             json!({"apiVersion": "v1", "kind": "Pod", "spec": {"containers": []}}),
         ))
         .unwrap();
-        let resp = too_many_requests(r.allow(), "slow down".into(), 0);
+        let resp = too_many_requests(r.allow(), "slow down".into(), Some(0));
         let v: serde_json::Value = serde_json::from_slice(&encode(resp)).unwrap();
         assert_eq!(v["apiVersion"], "admission.k8s.io/v1");
         assert_eq!(v["kind"], "AdmissionReview");
@@ -389,5 +391,22 @@ mod tests {
             resp["status"]["details"]["retryAfterSeconds"], 1,
             "at least 1"
         );
+    }
+
+    #[test]
+    fn refusal_without_retry_after_keeps_code_reason_and_message() {
+        let r = decode(&review(
+            "Pod",
+            json!({"apiVersion": "v1", "kind": "Pod", "spec": {"containers": []}}),
+        ))
+        .unwrap();
+        let resp = too_many_requests(r.allow(), "slow down".into(), None);
+        let v: serde_json::Value = serde_json::from_slice(&encode(resp)).unwrap();
+        let status = &v["response"]["status"];
+        assert_eq!(v["response"]["allowed"], false);
+        assert_eq!(status["code"], 429);
+        assert_eq!(status["reason"], "TooManyRequests");
+        assert_eq!(status["message"], "slow down");
+        assert!(status.get("details").is_none(), "{status}");
     }
 }

@@ -94,6 +94,9 @@ pub struct Request<'a> {
     pub policy: &'a Policy,
     pub ask: Ask<'a>,
     pub commit: Commit,
+    /// Whether a client refused for a count quota joins the waiting line: one told when to
+    /// come back does; one whose own queue retries does not.
+    pub joins_line: bool,
 }
 
 pub struct Ledger {
@@ -149,8 +152,12 @@ impl Ledger {
         f(&mut line)
     }
 
-    /// Puts a client refused for a count quota on the line it waits in.
-    fn join_line(&self, ns: &mut NamespaceLedger, refusal: &Refusal, secs: u64) {
+    /// Puts a client refused for a count quota on the line it waits in, if it is told when
+    /// to come back.
+    fn join_line(&self, ns: &mut NamespaceLedger, req: &Request<'_>, refusal: &Refusal, secs: u64) {
+        if !req.joins_line {
+            return;
+        }
         match refusal {
             Refusal::Rate { .. } => {}
             Refusal::ClusterPending { expected, .. } => {
@@ -208,7 +215,7 @@ impl Ledger {
             (Ok(_), Commit::DryRun) => return Ok(()),
             (Err(refusal), Commit::DryRun) => return Err(refusal),
             (Err(refusal), Commit::Enforce) => {
-                self.join_line(&mut ns, &refusal, secs);
+                self.join_line(&mut ns, req, &refusal, secs);
                 return Err(refusal);
             }
             (Err(refusal), Commit::Warn) => {
@@ -223,7 +230,7 @@ impl Ledger {
         {
             match req.commit {
                 Commit::Warn => self.reserve_regardless(&mut ns, req, now),
-                Commit::Enforce => self.join_line(&mut ns, &refusal, secs),
+                Commit::Enforce => self.join_line(&mut ns, req, &refusal, secs),
                 Commit::DryRun => {}
             }
             return Err(refusal);

@@ -101,6 +101,7 @@ fn request<'a>(
         policy,
         ask,
         commit,
+        joins_line: true,
     }
 }
 
