@@ -1,7 +1,6 @@
-//! A real bulwark server on 127.0.0.1 with freshly generated certificates, and HTTPS clients
-//! that speak h2 or http/1.1 to it.
-
-#![allow(dead_code)]
+//! A real bulwark server on 127.0.0.1 with freshly generated certificates, HTTPS clients
+//! that speak h2 or http/1.1 to it, and the helpers the tests share: reviews from
+//! `tests/data`, reading answers, streaming a body in parts, scraping `/metrics`.
 
 use std::{
     net::SocketAddr,
@@ -17,15 +16,19 @@ use bulwark::{
     webhook::{Certificates, Started, Webhook, WebhookOptions},
 };
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, channel::Channel};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 use serde_json::Value;
 
-pub type HttpsClient = Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    Full<Bytes>,
->;
+/// Config with no rate limit: only what a test adds (quotas, mode) refuses.
+pub const QUIET: &str = "defaults:\n  podRate: unlimited\n";
+
+/// The TLS connector every client here uses.
+pub type Connector =
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+pub type HttpsClient = Client<Connector, Full<Bytes>>;
 
 pub struct TestServer {
     pub started: Option<Started>,
@@ -108,6 +111,13 @@ impl TestServer {
     pub fn client(&self, proto: Proto) -> HttpsClient {
         client_trusting(&[&self.ca_pem], proto, true)
     }
+
+    /// POSTs to `/validate` the review (uid "u", not a dry run) of the fixture's pod, named
+    /// `name` in `namespace`.
+    pub async fn validate_pod(&self, client: &HttpsClient, namespace: &str, name: &str) -> Reply {
+        let review = pod_review("u", namespace, pod(name, namespace), false);
+        post(client, &self.url("/validate"), &review).await
+    }
 }
 
 impl Drop for TestServer {
@@ -124,20 +134,13 @@ pub enum Proto {
 
 pub const BOTH: [Proto; 2] = [Proto::H2, Proto::Http1];
 
-/// A TLS connector that trusts only the given CAs and offers only `proto` in ALPN.
-pub fn connector(
-    cas: &[&str],
-    proto: Proto,
-) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
-    connector_as(cas, proto, None)
-}
-
-/// [`connector`] presenting `identity` (a certificate and key, PEM) as its client certificate.
+/// A TLS connector that trusts only the given CAs, offers only `proto` in ALPN and, with
+/// `identity` (a certificate and key, PEM), presents it as its client certificate.
 pub fn connector_as(
     cas: &[&str],
     proto: Proto,
     identity: Option<&bulwark_certs::Pair>,
-) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
+) -> Connector {
     let mut roots = rustls::RootCertStore::empty();
     for ca in cas {
         for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
@@ -173,15 +176,17 @@ pub fn connector_as(
 /// An HTTPS client that trusts only the given CAs; `pooled: false` opens a connection (and a
 /// TLS handshake) per request.
 pub fn client_trusting(cas: &[&str], proto: Proto, pooled: bool) -> HttpsClient {
-    client_with_body(cas, proto, pooled)
+    client_as(cas, proto, pooled, None)
 }
 
-/// [`client_trusting`] for any request body type (e.g. one streamed in parts).
-pub fn client_with_body<B>(
+/// [`client_trusting`] for any request body type (e.g. one streamed in parts), presenting
+/// `identity`, if any, as its client certificate (see [`connector_as`]).
+pub fn client_as<B>(
     cas: &[&str],
     proto: Proto,
     pooled: bool,
-) -> Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, B>
+    identity: Option<&bulwark_certs::Pair>,
+) -> Client<Connector, B>
 where
     B: hyper::body::Body + Send + 'static + Unpin,
     B::Data: Send,
@@ -192,7 +197,7 @@ where
     if !pooled {
         client.pool_max_idle_per_host(0);
     }
-    client.build(connector(cas, proto))
+    client.build(connector_as(cas, proto, identity))
 }
 
 pub struct Reply {
@@ -224,6 +229,11 @@ pub async fn send(
         .body(Full::new(body.into()))
         .map_err(|e| e.to_string())?;
     let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+    read_reply(resp).await
+}
+
+/// Reads a whole answer: its status, HTTP version and body.
+pub async fn read_reply(resp: http::Response<hyper::body::Incoming>) -> Result<Reply, String> {
     let status = resp.status().as_u16();
     let version = resp.version();
     let body = resp
@@ -240,9 +250,71 @@ pub async fn send(
 }
 
 pub async fn post(client: &HttpsClient, url: &str, body: &Value) -> Reply {
-    send(client, "POST", url, serde_json::to_vec(body).expect("json"))
+    send(client, "POST", url, bytes(body))
         .await
         .expect("request succeeds")
+}
+
+/// A GET without a body, e.g. a probe.
+pub async fn get(client: &HttpsClient, url: &str) -> Result<Reply, String> {
+    send(client, "GET", url, "").await
+}
+
+/// A client whose request bodies are streamed in parts through a [`Channel`].
+pub type StreamingClient = Client<Connector, Channel<Bytes>>;
+
+/// A request whose body is still arriving: the sender for the rest of it, and the task that
+/// waits for the answer.
+pub struct Streaming {
+    pub tx: http_body_util::channel::Sender<Bytes>,
+    pub answer: tokio::task::JoinHandle<
+        Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
+    >,
+}
+
+/// POSTs to `url` with a body of which only `first` is sent; the rest goes through `tx`.
+pub async fn post_streaming(client: &StreamingClient, url: &str, first: &[u8]) -> Streaming {
+    let (mut tx, channel) = Channel::<Bytes>::new(1);
+    let req = http::Request::post(url)
+        .header("content-type", "application/json")
+        .body(channel)
+        .expect("request");
+    let answer = tokio::spawn(client.request(req));
+    tx.send_data(Bytes::copy_from_slice(first))
+        .await
+        .expect("first half");
+    Streaming { tx, answer }
+}
+
+/// The `response` of an AdmissionReview answer, after checking it is a 200 and a v1 review.
+pub fn response(reply: &Reply) -> Value {
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let v = reply.json();
+    assert_eq!(v["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(v["kind"], "AdmissionReview");
+    v["response"].clone()
+}
+
+/// The server's `/metrics` page, read over plain HTTP/1.0 from its metrics listener.
+pub async fn scrape(server: &TestServer) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server.metrics_addr)
+        .await
+        .expect("connect metrics");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    out
+}
+
+pub fn bytes(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).expect("json")
 }
 
 /// An AdmissionReview for a pod CREATE, as kube-apiserver sends it (tests/data).
@@ -259,4 +331,53 @@ pub fn pod_review(uid: &str, namespace: &str, pod: Value, dry_run: bool) -> Valu
 pub fn pod(name: &str, namespace: &str) -> Value {
     let mut review = Fixture::pod_create().name(name).namespace(namespace);
     review.object_mut().take()
+}
+
+/// One hostile case: (name, endpoint, body, status, text the answer must contain).
+pub type HostileCase = (&'static str, &'static str, Vec<u8>, u16, &'static str);
+
+/// The well-formed review the cases mangle; still answered normally after each table.
+pub fn good_review() -> Value {
+    pod_review("u-hostile", "ci", pod("p", "ci"), false)
+}
+
+/// Sends each hostile case over h2 to a fresh server and checks its status, its text and the
+/// size of its answer; then that the server is still healthy and answers a good review
+/// normally.
+pub async fn answers_are_bounded(cases: &[HostileCase]) {
+    let server = TestServer::start(QUIET).await;
+    let client = server.client(Proto::H2);
+    for (name, endpoint, body, status, expect) in cases {
+        let reply = send(
+            &client,
+            "POST",
+            &server.url(&format!("/{endpoint}")),
+            body.clone(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(reply.status, *status, "{name}: {}", reply.text());
+        let text = reply.text();
+        assert!(
+            text.contains(expect),
+            "{name}: {}",
+            &text[..text.len().min(400)]
+        );
+        // Bounded by the request: a mutate patch for many containers is the largest answer,
+        // about 10 times its pod for 5000 containers (a JSONPatch op and an annotation entry per
+        // container, in base64). Written as JSON arrays of byte values it was 28 times.
+        assert!(
+            text.len() <= 12 * body.len() + 64 * 1024,
+            "{name}: a {} byte answer to {} bytes",
+            text.len(),
+            body.len()
+        );
+    }
+    let health = get(&client, &server.url("/healthz"))
+        .await
+        .expect("healthz");
+    assert_eq!(health.status, 200);
+    // A good review is still answered normally after all of them.
+    let reply = post(&client, &server.url("/validate"), &good_review()).await;
+    assert_eq!(response(&reply)["allowed"], true);
 }
