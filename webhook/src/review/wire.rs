@@ -194,8 +194,9 @@ pub fn encode(response: AdmissionResponse) -> Vec<u8> {
     serde_json::to_vec(&review).unwrap_or_default()
 }
 
-/// The refusal shape of DESIGN.md: code 429, reason TooManyRequests, retryAfterSeconds, which
-/// kube-apiserver passes on as a `Retry-After` header that client-go honours.
+/// The refusal shape of docs/architecture.md, "The admission contract": code 429, reason
+/// TooManyRequests, retryAfterSeconds, which kube-apiserver passes on as a `Retry-After` header
+/// that client-go honours.
 pub fn too_many_requests(
     mut response: AdmissionResponse,
     message: String,
