@@ -1,4 +1,5 @@
-"""Side-by-side summary of the two burst runs (burst.py output) against DESIGN.md's targets,
+"""Side-by-side summary of the two burst runs (burst.py output) against the burst targets
+(docs/architecture.md, Targets; the thresholds below are those of the runs in bench/burst.md),
 and the plot of pods not yet running and kube-apiserver RSS over time.
 Usage: burst_report.py RESULTS_DIR  ->  RESULTS_DIR/burst-summary.md, RESULTS_DIR/burst.png"""
 

@@ -113,9 +113,9 @@ fn client_config(url: String) -> WebhookClientConfig {
 }
 
 /// The two registrations for a webhook served at `base_url` (e.g. `https://127.0.0.1:8443`),
-/// with the settings DESIGN.md asks for: pods CREATE only, `NoneOnDryRun`, a short timeout,
-/// exempt namespaces excluded. The e2e cluster fails closed so a broken webhook shows. No
-/// caBundle: the webhook's self-managed certificates fill it in.
+/// with the settings docs/architecture.md asks for ("Registration"): pods CREATE only,
+/// `NoneOnDryRun`, a short timeout, exempt namespaces excluded. The e2e cluster fails closed so
+/// a broken webhook shows. No caBundle: the webhook's self-managed certificates fill it in.
 pub fn webhook_configurations(
     base_url: &str,
 ) -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {

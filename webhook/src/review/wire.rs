@@ -194,10 +194,10 @@ pub fn encode(response: AdmissionResponse) -> Vec<u8> {
     serde_json::to_vec(&review).unwrap_or_default()
 }
 
-/// The refusal: code 429 and reason TooManyRequests, which kube-apiserver keeps. With
-/// `retry_after_seconds` it carries `details.retryAfterSeconds` (at least 1), which
-/// kube-apiserver passes on as a `Retry-After` header that client-go waits out inside the
-/// call; without, the call fails at once.
+/// The refusal (docs/architecture.md, "The admission contract"): code 429 and reason
+/// TooManyRequests, which kube-apiserver keeps. With `retry_after_seconds` it carries
+/// `details.retryAfterSeconds` (at least 1), which kube-apiserver passes on as a `Retry-After`
+/// header that client-go waits out inside the call; without, the call fails at once.
 pub fn too_many_requests(
     mut response: AdmissionResponse,
     message: String,
