@@ -2,6 +2,7 @@
 //! dry runs, and what is exempt (system namespaces, critical pods, other kinds).
 
 use base64::{Engine, prelude::BASE64_STANDARD};
+use bulwark::review::fixtures::Fixture;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
 
@@ -104,12 +105,14 @@ async fn refusal_has_the_429_shape_and_an_actionable_message() {
             let r = server.validate_pod(&client, &ns, &format!("p{n}")).await;
             assert_eq!(response(&r)["allowed"], true, "within the burst");
         }
-        let reply = post(
-            &client,
-            &server.url("/validate"),
-            &pod_review("uid-x", &ns, pod("p3", &ns), false),
-        )
-        .await;
+        // A person (kubectl) is told when to come back.
+        let by_kubectl = Fixture::pod_create()
+            .uid("uid-x")
+            .namespace(&ns)
+            .object(pod("p3", &ns))
+            .user("kubernetes-admin", &["system:masters"])
+            .into_value();
+        let reply = post(&client, &server.url("/validate"), &by_kubectl).await;
         expect_version(&reply, proto);
         let resp = response(&reply);
         assert_eq!(resp["uid"], "uid-x");
@@ -130,6 +133,36 @@ async fn refusal_has_the_429_shape_and_an_actionable_message() {
                 "namespace \"{ns}\" is creating pods faster than its limit of 1/m (burst 2); retry in {retry}s (annotation bulwark.io/pod-rate)"
             )
         );
+    }
+}
+
+/// The Job controller (the fixture's user) queues its own work: the same refusal, but no
+/// `retryAfterSeconds`, so kube-apiserver sends no `Retry-After` and its worker is not put to
+/// sleep inside the call.
+#[tokio::test]
+async fn controllers_get_the_refusal_without_retry_after() {
+    let server = TestServer::start("defaults:\n  podRate: 1/m\n  podBurst: 1\n").await;
+    let client = server.client(Proto::Http1);
+    let first = server.validate_pod(&client, "ci", "p0").await;
+    assert_eq!(response(&first)["allowed"], true);
+    let reply = server.validate_pod(&client, "ci", "p1").await;
+    let resp = response(&reply);
+    assert_eq!(resp["allowed"], false);
+    let status = &resp["status"];
+    assert_eq!(status["code"], 429);
+    assert_eq!(status["reason"], "TooManyRequests");
+    assert!(status.get("details").is_none(), "{status}");
+    let message = status["message"].as_str().expect("message");
+    assert!(
+        message.starts_with("namespace \"ci\" is creating pods faster than its limit of 1/m"),
+        "{message}"
+    );
+    let m = scrape(&server).await;
+    for line in [
+        "bulwark_refusal_forms_total{form=\"immediate\"} 1",
+        "bulwark_retry_after_seconds_count 1",
+    ] {
+        assert!(m.contains(line), "missing {line:?} in\n{m}");
     }
 }
 
