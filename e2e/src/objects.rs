@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::{
         admissionregistration::v1::{
-            MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ValidatingWebhook,
-            ValidatingWebhookConfiguration, WebhookClientConfig,
+            MatchCondition, MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations,
+            ValidatingWebhook, ValidatingWebhookConfiguration, WebhookClientConfig,
         },
         core::v1::{Node, NodeSpec, NodeStatus},
     },
@@ -104,6 +104,28 @@ fn not_excluded() -> Option<LabelSelector> {
     })
 }
 
+/// A container lacking one of the requests or limits bulwark sets, as CEL over `c`.
+const LACKS: &str = "!has(c.resources) || !has(c.resources.requests) || !has(c.resources.limits) \
+    || !('cpu' in c.resources.requests) || !('memory' in c.resources.requests) \
+    || !('cpu' in c.resources.limits) || !('memory' in c.resources.limits)";
+
+/// The mutating webhook is called only for pods it may change, as deploy/base registers it.
+pub fn mutate_conditions() -> Vec<MatchCondition> {
+    vec![
+        MatchCondition {
+            name: "pod-create".to_owned(),
+            expression: "request.operation == 'CREATE'".to_owned(),
+        },
+        MatchCondition {
+            name: "lacks-requests-or-limits".to_owned(),
+            expression: format!(
+                "object.spec.containers.exists(c, {LACKS}) || (has(object.spec.initContainers) \
+                 && object.spec.initContainers.exists(c, {LACKS}))"
+            ),
+        },
+    ]
+}
+
 fn client_config(url: String) -> WebhookClientConfig {
     WebhookClientConfig {
         url: Some(url),
@@ -135,6 +157,7 @@ pub fn webhook_configurations(
             failure_policy: Some("Fail".to_owned()),
             namespace_selector: not_excluded(),
             reinvocation_policy: Some("Never".to_owned()),
+            match_conditions: Some(mutate_conditions()),
             ..MutatingWebhook::default()
         }]),
     };

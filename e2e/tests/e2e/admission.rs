@@ -288,3 +288,69 @@ pub async fn invalid_annotation_warns_and_keeps_defaults(ctx: &mut Ctx) -> anyho
     );
     Ok(())
 }
+
+/// kube-apiserver's count of calls to the mutating webhook.
+async fn mutate_calls(ctx: &Ctx) -> anyhow::Result<f64> {
+    ctx.apiserver_metric(
+        "apiserver_admission_webhook_admission_duration_seconds_count",
+        &[("name", "mutate.bulwark.io")],
+    )
+    .await
+}
+
+/// The mutating webhook's matchConditions: a pod with every request and limit bulwark would
+/// set is not sent to it at all, and one without resources still is, and is defaulted.
+pub async fn fully_specified_pods_skip_the_mutating_call(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let ns = ctx.namespace("skip-mutate", &[]).await?;
+    let pause = "registry.k8s.io/pause:3.10";
+    let full = json!({
+        "requests": {"cpu": "100m", "memory": "64Mi"},
+        "limits": {"cpu": "200m", "memory": "128Mi"},
+    });
+    let complete = pod(
+        "complete",
+        json!({"spec": {
+            "initContainers": [{"name": "init", "image": pause, "resources": full}],
+            "containers": [{"name": "work", "image": pause, "resources": full}],
+        }}),
+    );
+    let before = mutate_calls(ctx).await?;
+    ctx.create(&ns, &complete).await?.admitted()?;
+    let after = mutate_calls(ctx).await?;
+    ensure!(
+        after == before,
+        "a fully specified pod was sent to the mutating webhook ({before} -> {after} calls)"
+    );
+    let stored = ctx.pods(&ns).get("complete").await?;
+    let annotations = stored.metadata.annotations.unwrap_or_default();
+    ensure!(
+        !annotations.contains_key(DEFAULTED_ANNOTATION),
+        "not defaulted: {annotations:?}"
+    );
+
+    // Its init container lacks a memory limit: called, and defaulted.
+    let partial = pod(
+        "partial",
+        json!({"spec": {
+            "initContainers": [{"name": "init", "image": pause,
+                "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"cpu": "200m"}}}],
+            "containers": [{"name": "work", "image": pause, "resources": full}],
+        }}),
+    );
+    ctx.create(&ns, &partial).await?.admitted()?;
+    let called = mutate_calls(ctx).await?;
+    ensure!(
+        called == after + 1.0,
+        "{after} -> {called} calls for a pod lacking a limit"
+    );
+    let stored = ctx.pods(&ns).get("partial").await?;
+    let note = stored
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .get(DEFAULTED_ANNOTATION)
+        .cloned()
+        .context("the partial pod was not defaulted")?;
+    ensure!(note == "init:init: limits.memory=512Mi", "{note}");
+    Ok(())
+}

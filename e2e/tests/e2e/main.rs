@@ -30,7 +30,7 @@ use std::{
 
 use admission::{
     annotation_changes_apply_within_a_second, defaults_are_injected,
-    invalid_annotation_warns_and_keeps_defaults,
+    fully_specified_pods_skip_the_mutating_call, invalid_annotation_warns_and_keeps_defaults,
     kubectl_prints_the_refusal_when_capacity_stays_gone, kubectl_retries_until_capacity_returns,
     refusal_is_429_with_retry_after,
 };
@@ -76,6 +76,7 @@ macro_rules! suite {
 fn tests() -> Vec<(&'static str, TestFn)> {
     suite![
         defaults_are_injected,
+        fully_specified_pods_skip_the_mutating_call,
         refusal_is_429_with_retry_after,
         kubectl_retries_until_capacity_returns,
         kubectl_prints_the_refusal_when_capacity_stays_gone,

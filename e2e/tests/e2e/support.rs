@@ -281,6 +281,17 @@ impl Ctx {
         metric_at(self.state().ports.webhook_metrics, name, labels)
     }
 
+    /// One sample of a metric from kube-apiserver's /metrics, read as the test's admin.
+    pub async fn apiserver_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<f64> {
+        let request = http::Request::get("/metrics").body(Vec::new())?;
+        let text = self.client.request_text(request).await?;
+        Ok(metric_in(&text, name, labels))
+    }
+
     /// A metric of the cluster's own node controller.
     pub fn node_controller_metric(&self, name: &str) -> anyhow::Result<f64> {
         metric_at(self.state().ports.node_controller_metrics, name, &[])
@@ -357,6 +368,11 @@ pub async fn until_decision(
 /// The sum of a metric's samples whose labels match, from a plain-HTTP /metrics.
 pub fn metric_at(port: u16, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
     let text = bulwark_e2e::cluster::plain_get(port, "/metrics")?;
+    Ok(metric_in(&text, name, labels))
+}
+
+/// The sum of a metric's samples whose labels match, in Prometheus text.
+pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut sum = 0.0;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((series, value)) = line.rsplit_once(' ') else {
@@ -373,7 +389,7 @@ pub fn metric_at(port: u16, name: &str, labels: &[(&str, &str)]) -> anyhow::Resu
             sum += value.parse::<f64>().unwrap_or(0.0);
         }
     }
-    Ok(sum)
+    sum
 }
 
 /// Pod creations one after another at a steady pace, counting those that fail for any
