@@ -116,6 +116,18 @@ async fn round_takes_over_an_expired_lease() {
 }
 
 #[tokio::test]
+async fn round_takes_over_a_lease_without_spec() {
+    let mut read = expired();
+    read.as_object_mut().expect("an object").remove("spec");
+    let held = round_replacing(read, |spec, _| {
+        assert_eq!(spec["holderIdentity"], "me");
+        assert_eq!(spec["leaseTransitions"], 1);
+        assert!(spec["acquireTime"].is_string());
+    });
+    assert_eq!(held.await, Ok(true));
+}
+
+#[tokio::test]
 async fn round_follows_a_live_lease_without_writing() {
     let server = ApiServer::new().get(
         LEASE,
