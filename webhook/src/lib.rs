@@ -26,5 +26,7 @@ pub mod policy;
 pub mod quota;
 pub mod review;
 pub mod serve;
+#[cfg(test)]
+pub mod testing;
 pub mod value;
 pub mod webhook;

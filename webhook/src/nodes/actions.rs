@@ -326,6 +326,9 @@ impl Executor {
 }
 
 #[cfg(test)]
+mod api_tests;
+
+#[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 

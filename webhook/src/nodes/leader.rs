@@ -85,11 +85,9 @@ impl Elector {
     pub async fn round(&self) -> Result<bool, kube::Error> {
         let now = SystemTime::now();
         let current = self.api.get_opt(&self.name).await?;
-        let step = step(
-            current.as_ref().and_then(|l| l.spec.as_ref()),
-            &self.identity,
-            now,
-        );
+        // A Lease without a spec is held by no one: taken over (replaced), not created again.
+        let spec = current.as_ref().map(|l| l.spec.clone().unwrap_or_default());
+        let step = step(spec.as_ref(), &self.identity, now);
         let seconds = i32::try_from(self.duration.as_secs()).unwrap_or(15);
         let result = match (step, current) {
             (Step::Follow, _) => return Ok(false),
@@ -150,6 +148,9 @@ impl Elector {
             .await;
     }
 }
+
+#[cfg(test)]
+mod api_tests;
 
 #[cfg(test)]
 mod tests {

@@ -235,7 +235,7 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(86_400);
 
-    fn wanted() -> Wanted {
+    pub(super) fn wanted() -> Wanted {
         Wanted {
             dns_names: bulwark_certs::service_dns_names("bulwark-webhook", "bulwark-system"),
             ips: vec!["127.0.0.1".parse().unwrap()],

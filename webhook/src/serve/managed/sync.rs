@@ -453,3 +453,6 @@ pub async fn request_rotation(
         .await?;
     Ok((key, value))
 }
+
+#[cfg(test)]
+mod api_tests;
