@@ -16,6 +16,7 @@ fn view() -> NodeView {
         zone: Some("eu-west-1a".into()),
         provider_id: Some("aws:///eu-west-1a/i-0abc".into()),
         signals: Vec::new(),
+        heartbeat_late: false,
         tainted_since: None,
         marked: false,
         opted_out: false,
