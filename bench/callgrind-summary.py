@@ -59,8 +59,9 @@ def callees(pattern):
 
 
 for title, pattern in (
-    ("the review handler", r"^bulwark::server::review::\{\{closure\}\}$"),
-    ("Admitter::" + endpoint, r"^bulwark::admit::Admitter::" + endpoint + "$"),
+    ("the review handler", r"^bulwark::serve::http::review::\{\{closure\}\}$"),
+    ("Service::answer", r"^bulwark::serve::http::Service::answer$"),
+    ("Admitter::" + endpoint, r"^bulwark::review::answer::Admitter::" + endpoint + "$"),
 ):
     print(f"\ninclusive cost per review of what {title} calls:")
     for f, c in callees(pattern):

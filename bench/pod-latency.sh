@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Per-pod overhead: pod-create latency through the real kube-apiserver with bulwark's webhooks
-# registered vs deleted, serial and with concurrent workers, in one cluster (release build).
+# Per-pod overhead: pod-create latency through the real kube-apiserver with no webhook, with
+# bulwark's two registrations pointed at a no-op webhook (the floor any webhook costs), with
+# only the validating one pointed there, and with bulwark; serial and with concurrent workers,
+# for pods with and without resources, in one cluster (release build; see pod_latency.py).
 # Output: bench/results/pod-latency.csv and pod-latency.md.
 #   bench/pod-latency.sh [--serial 300] [--workers 8] [--per-worker 150] [--rounds 2]
 #                        [--dir /tmp/burst-cluster]
@@ -17,9 +19,20 @@ while [ $# -gt 0 ]; do
   esac
 done
 . "$root/bench/lib.sh"
+cargo build --release --locked -q -p bulwark-bench-ceiling
+
+# The no-op webhook: the bench ceiling server in --allow mode, with its own certificate.
+noop_dir=$(mktemp -d)
+"$BULWARK_BIN" certs --out-dir "$noop_dir" --ip 127.0.0.1 --dns localhost >/dev/null 2>&1
+noop_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$target/release/bulwark-bench-ceiling" --allow --listen "127.0.0.1:$noop_port" \
+  --tls-cert "$noop_dir/tls.crt" --tls-key "$noop_dir/tls.key" 2>"$noop_dir/noop.log" &
+noop_pid=$!
+trap 'kill $noop_pid 2>/dev/null; rm -rf "$noop_dir"; cleanup' EXIT
 
 "$e2e" --dir "$dir" up --nodes 4 2>&1 | tail -n 2
 sleep 5
-flock /tmp/bulwark-bench.lock timeout --kill-after=30 1200 \
+flock /tmp/bulwark-bench.lock timeout --kill-after=30 2400 \
   python3 "$root/bench/pod_latency.py" --dir "$dir" "${args[@]}" \
+  --noop-url "https://127.0.0.1:$noop_port" --noop-ca "$noop_dir/ca.crt" \
   --out "$root/bench/results/pod-latency"

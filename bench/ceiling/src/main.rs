@@ -5,7 +5,11 @@
 //! size bulwark answers with. Whatever bulwark spends beyond this is decoding, deciding and
 //! encoding.
 //!
-//! Usage: bulwark-bench-ceiling --tls-cert F --tls-key F --listen ADDR --response FILE
+//! With `--allow` instead of `--response`, it is the floor any webhook costs kube-apiserver
+//! (bench/pod-latency.sh): a no-op webhook that reads each AdmissionReview only for its uid and
+//! allows it.
+//!
+//! Usage: bulwark-bench-ceiling --tls-cert F --tls-key F --listen ADDR (--response FILE | --allow)
 
 use std::{convert::Infallible, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
@@ -29,7 +33,16 @@ struct Args {
     cert: PathBuf,
     key: PathBuf,
     listen: SocketAddr,
-    response: PathBuf,
+    answer: Answer,
+}
+
+/// What every POST is answered.
+#[derive(Clone)]
+enum Answer {
+    /// These bytes, whatever was asked.
+    Constant(Bytes),
+    /// Allowed, with the review's uid: the least a webhook can do.
+    Allow,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -37,8 +50,13 @@ fn parse_args() -> Result<Args, String> {
     let mut key = None;
     let mut listen = None;
     let mut response = None;
+    let mut allow = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--allow" {
+            allow = true;
+            continue;
+        }
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--tls-cert" => cert = Some(PathBuf::from(value)),
@@ -55,11 +73,18 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     let need = |v: Option<PathBuf>, name: &str| v.ok_or_else(|| format!("{name} is required"));
+    let answer = match (response, allow) {
+        (Some(path), false) => Answer::Constant(Bytes::from(
+            std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?,
+        )),
+        (None, true) => Answer::Allow,
+        _ => return Err("give either --response FILE or --allow".into()),
+    };
     Ok(Args {
         cert: need(cert, "--tls-cert")?,
         key: need(key, "--tls-key")?,
         listen: listen.ok_or("--listen is required")?,
-        response: need(response, "--response")?,
+        answer,
     })
 }
 
@@ -78,9 +103,33 @@ fn tls_config(args: &Args) -> Result<Arc<rustls::ServerConfig>, String> {
     Ok(Arc::new(config))
 }
 
+/// Only the uid of an AdmissionReview; everything else is skipped.
+#[derive(serde::Deserialize)]
+struct Review<'a> {
+    #[serde(borrow)]
+    request: Uid<'a>,
+}
+
+#[derive(serde::Deserialize)]
+struct Uid<'a> {
+    #[serde(borrow)]
+    uid: std::borrow::Cow<'a, str>,
+}
+
+/// The allowing AdmissionReview for `body`, or `None` when it is not one.
+fn allow(body: &[u8]) -> Option<Bytes> {
+    let review: Review = serde_json::from_slice(body).ok()?;
+    let answer = serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": {"uid": review.request.uid, "allowed": true},
+    });
+    serde_json::to_vec(&answer).ok().map(Bytes::from)
+}
+
 async fn answer(
     req: Request<Incoming>,
-    response: Bytes,
+    answer: Answer,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let reply = |status: StatusCode, body: Bytes| {
         let mut r = Response::new(Full::new(body));
@@ -94,19 +143,22 @@ async fn answer(
     if req.method() != Method::POST {
         return Ok(reply(StatusCode::METHOD_NOT_ALLOWED, Bytes::new()));
     }
-    match Limited::new(req.into_body(), MAX_BODY_BYTES)
+    let Ok(body) = Limited::new(req.into_body(), MAX_BODY_BYTES)
         .collect()
         .await
-    {
-        Ok(_) => Ok(reply(StatusCode::OK, response)),
-        Err(_) => Ok(reply(StatusCode::BAD_REQUEST, Bytes::new())),
-    }
+    else {
+        return Ok(reply(StatusCode::BAD_REQUEST, Bytes::new()));
+    };
+    Ok(match answer {
+        Answer::Constant(bytes) => reply(StatusCode::OK, bytes),
+        Answer::Allow => match allow(&body.to_bytes()) {
+            Some(bytes) => reply(StatusCode::OK, bytes),
+            None => reply(StatusCode::BAD_REQUEST, Bytes::new()),
+        },
+    })
 }
 
 async fn serve(args: Args) -> Result<(), String> {
-    let response = Bytes::from(
-        std::fs::read(&args.response).map_err(|e| format!("{}: {e}", args.response.display()))?,
-    );
     let acceptor = TlsAcceptor::from(tls_config(&args)?);
     let listener = TcpListener::bind(args.listen)
         .await
@@ -126,7 +178,7 @@ async fn serve(args: Args) -> Result<(), String> {
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let builder = builder.clone();
-        let response = response.clone();
+        let response = args.answer.clone();
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;

@@ -37,23 +37,34 @@ impl Mutation {
     /// The value of the `bulwark.io/defaulted` annotation:
     /// `app: requests.cpu=100m,limits.memory=512Mi; init:setup: requests.cpu=100m`.
     pub fn annotation(&self) -> String {
-        self.changed
-            .iter()
-            .map(|(name, items)| format!("{name}: {}", join_items(items)))
-            .collect::<Vec<_>>()
-            .join("; ")
+        let mut out = String::with_capacity(64 * self.changed.len());
+        for (i, (name, items)) in self.changed.iter().enumerate() {
+            if i > 0 {
+                out.push_str("; ");
+            }
+            out.push_str(name);
+            out.push_str(": ");
+            push_items(&mut out, items);
+        }
+        out
     }
 
     pub fn warnings(&self, namespace: &str) -> Vec<String> {
+        // Built by hand: `format!` was a third of what a mutation cost (callgrind).
         let mut out: Vec<String> = self
             .changed
             .iter()
             .take(MAX_WARNINGS)
             .map(|(name, items)| {
-                format!(
-                    "bulwark: container {name:?}: set {} (defaults of namespace {namespace:?})",
-                    join_items(items)
-                )
+                let mut w = String::with_capacity(96 + namespace.len());
+                w.push_str("bulwark: container \"");
+                push_escaped(&mut w, name);
+                w.push_str("\": set ");
+                push_items(&mut w, items);
+                w.push_str(" (defaults of namespace \"");
+                push_escaped(&mut w, namespace);
+                w.push_str("\")");
+                w
             })
             .collect();
         if self.changed.len() > MAX_WARNINGS {
@@ -87,12 +98,29 @@ impl Mutation {
     }
 }
 
-fn join_items(items: &[(&'static str, String)]) -> String {
-    items
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+/// `requests.cpu=100m,limits.memory=512Mi`.
+fn push_items(out: &mut String, items: &[(&'static str, String)]) {
+    for (i, (k, v)) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(k);
+        out.push('=');
+        out.push_str(v);
+    }
+}
+
+/// `s` as `{:?}` writes it between its quotes: printable ASCII as it is, anything else
+/// through Debug, so every name reads as it always has.
+fn push_escaped(out: &mut String, s: &str) {
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push_str(s);
+    } else {
+        let quoted = format!("{s:?}");
+        out.push_str(&quoted[1..quoted.len() - 1]);
+    }
 }
 
 fn add(path: PointerBuf, value: Value) -> PatchOperation {
@@ -421,5 +449,32 @@ mod tests {
         let (once, _) = apply(pod);
         let (req, lim) = defaults();
         assert!(mutate(&once, &req, &lim).is_empty());
+    }
+
+    #[test]
+    fn warnings_quote_names_as_debug_does() {
+        let m = Mutation {
+            patch: Vec::new(),
+            changed: vec![
+                ("plain-1".into(), vec![("requests.cpu", "100m".into())]),
+                (
+                    "odd\"name\\é\u{7}".into(),
+                    vec![("limits.memory", "1Gi".into())],
+                ),
+            ],
+        };
+        for (w, (name, items)) in m.warnings("ns\"x").iter().zip(&m.changed) {
+            let items: Vec<String> = items.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let want = format!(
+                "bulwark: container {name:?}: set {} (defaults of namespace {:?})",
+                items.join(","),
+                "ns\"x"
+            );
+            assert_eq!(w, &want);
+        }
+        assert_eq!(
+            m.annotation(),
+            "plain-1: requests.cpu=100m; odd\"name\\é\u{7}: limits.memory=1Gi"
+        );
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use base64::{display::Base64Display, prelude::BASE64_STANDARD};
+use base64::{Engine, prelude::BASE64_STANDARD};
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::{
     DynamicObject, Status,
@@ -154,24 +154,13 @@ struct ResponseOut<'a> {
     allowed: bool,
     status: &'a Status,
     #[serde(skip_serializing_if = "Option::is_none")]
-    patch: Option<Base64Bytes<'a>>,
+    patch: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     patch_type: Option<&'static str>,
     #[serde(skip_serializing_if = "HashMap::is_empty")]
     audit_annotations: &'a HashMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     warnings: Option<&'a [String]>,
-}
-
-/// Go's encoding of `[]byte`, which kube-apiserver decodes the patch with: a base64 string.
-/// kube-core serialises its `Vec<u8>` as an array of numbers instead, up to 4 bytes per patch
-/// byte against base64's 4 per 3.
-struct Base64Bytes<'a>(&'a [u8]);
-
-impl Serialize for Base64Bytes<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&Base64Display::new(self.0, &BASE64_STANDARD))
-    }
 }
 
 /// Serialises a response as the AdmissionReview kube-apiserver expects.
@@ -183,7 +172,10 @@ pub fn encode(response: AdmissionResponse) -> Vec<u8> {
             uid: &response.uid,
             allowed: response.allowed,
             status: &response.result,
-            patch: response.patch.as_deref().map(Base64Bytes),
+            // Go's encoding of `[]byte`, which kube-apiserver decodes the patch with: a base64
+            // string (kube-core writes its `Vec<u8>` as an array of numbers, up to 4 bytes per
+            // patch byte). Encoded in one pass, not through the formatting machinery.
+            patch: response.patch.as_deref().map(|p| BASE64_STANDARD.encode(p)),
             // kube-core sets the patch only with its type, JSONPatch, the one kind there is.
             patch_type: response.patch.as_ref().map(|_| "JSONPatch"),
             audit_annotations: &response.audit_annotations,
