@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use bulwark_e2e::{Cluster, Options, default_dir, install_crypto};
+use bulwark_e2e::{Cluster, Options, cluster::NodeTimers, default_dir, install_crypto};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -40,6 +40,15 @@ enum Cmd {
         /// bulwark's maxRetryAfterSeconds (1 to 3600); default: 1, short for the tests.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3600))]
         max_retry_after: Option<u32>,
+        /// The node controller's timings: `e2e` (seconds: grace 2s, removeAfter 5s,
+        /// leaseStaleAfter 6s) or `production` (no nodeController section: its own defaults,
+        /// grace 60s, removeAfter 10m, leaseStaleAfter 40s).
+        #[arg(long, default_value = "e2e")]
+        node_timers: NodeTimers,
+        /// bulwark's queueingControllers: false refuses kube-controller-manager's controllers
+        /// with Retry-After like every other client; default: not written (bulwark's true).
+        #[arg(long, action = clap::ArgAction::Set)]
+        queueing_controllers: Option<bool>,
     },
     /// Stop every process of the cluster.
     Down,
@@ -61,6 +70,8 @@ async fn main() -> ExitCode {
             controller_qps,
             job_syncs,
             max_retry_after,
+            node_timers,
+            queueing_controllers,
         } => Cluster::up(&Options {
             dir,
             nodes,
@@ -69,6 +80,8 @@ async fn main() -> ExitCode {
             controller_qps,
             job_syncs,
             max_retry_after,
+            node_timers,
+            queueing_controllers,
         })
         .await
         .map(|c| {

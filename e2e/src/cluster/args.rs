@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::State;
+use anyhow::Context;
+
+use super::{NodeTimers, State};
 use crate::{
     objects,
     pki::{self, Identity},
@@ -28,6 +30,26 @@ nodeController:
   stormCooldown: 5s
   removalInterval: 1s
   maxUnhealthy: 40%
+";
+
+/// The heading of [`BULWARK_CONFIG`]'s last section, left out for `NodeTimers::Production`.
+const NODE_CONTROLLER_SECTION: &str = "nodeController:\n";
+
+/// kube-apiserver's audit policy: pod creations only, at `Metadata` (who asked, and the
+/// response status with its details, e.g. a refusal's `retryAfterSeconds`), nothing else, so
+/// a burst of tens of thousands of pods keeps the log in the tens of megabytes and its cost
+/// the same with and without bulwark.
+pub const AUDIT_POLICY: &str = "\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  verbs: [create]
+  resources:
+  - group: \"\"
+    resources: [pods]
+- level: None
 ";
 
 /// The processes of a cluster, in start order; `down` stops them in reverse.
@@ -71,6 +93,35 @@ impl Component {
 pub const WEBHOOK_SECRET: &str = "bulwark-webhook-tls";
 
 impl State {
+    /// bulwark's `--config` for this cluster: [`BULWARK_CONFIG`] with what `up` was asked for.
+    pub(super) fn bulwark_config(&self) -> anyhow::Result<String> {
+        let mut config = BULWARK_CONFIG.to_owned();
+        if let Some(n) = self.max_retry_after {
+            let line = "maxRetryAfterSeconds: 1\n";
+            anyhow::ensure!(
+                config.contains(line),
+                "the e2e bulwark config has no `{}` line to replace",
+                line.trim_end()
+            );
+            config = config.replace(line, &format!("maxRetryAfterSeconds: {n}\n"));
+        }
+        if self.node_timers == NodeTimers::Production {
+            let (before, section) = config
+                .split_once(NODE_CONTROLLER_SECTION)
+                .context("the e2e bulwark config has no nodeController section")?;
+            // Cutting at the heading drops the section only if nothing follows it.
+            anyhow::ensure!(
+                section.lines().all(|l| l.starts_with(' ')),
+                "the nodeController section is not the last of the e2e bulwark config"
+            );
+            config = before.to_owned();
+        }
+        if let Some(queueing) = self.queueing_controllers {
+            config.push_str(&format!("queueingControllers: {queueing}\n"));
+        }
+        Ok(config)
+    }
+
     pub(super) fn args(&self, component: Component) -> Vec<String> {
         let p = self.pki();
         let d = |path: &Path| path.display().to_string();
@@ -116,6 +167,14 @@ impl State {
                 // The `kubernetes` Service cannot point at a loopback address; nothing in
                 // this cluster needs it, so do not keep trying.
                 "--endpoint-reconciler-type=none".into(),
+                format!(
+                    "--audit-policy-file={}",
+                    d(&self.dir.join("audit-policy.yaml"))
+                ),
+                format!("--audit-log-path={}", d(&self.audit_log())),
+                // Megabytes; a 20,000-pod burst with its refusals writes well under one file.
+                "--audit-log-maxsize=200".into(),
+                "--audit-log-maxbackup=5".into(),
                 // End watches before the HTTP server's shutdown, which otherwise waits a full
                 // minute for them: a restart then takes seconds, as in a real rolling restart.
                 "--shutdown-watch-termination-grace-period=2s".into(),
@@ -201,5 +260,61 @@ impl State {
             Component::Webhook | Component::NodeController => self.bulwark.clone(),
             other => self.bin_dir.join(other.name()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{NodeTimers, Ports};
+
+    fn state(node_timers: NodeTimers, queueing: Option<bool>, retry: Option<u32>) -> State {
+        State {
+            dir: "/tmp/x".into(),
+            bin_dir: "/tmp/bin".into(),
+            bulwark: "/tmp/bulwark".into(),
+            ports: Ports {
+                etcd: 1,
+                etcd_peer: 2,
+                apiserver: 3,
+                webhook: 4,
+                webhook_metrics: 5,
+                kwok: 6,
+                node_controller_metrics: 7,
+                scheduler: 8,
+            },
+            nodes: 1,
+            pods_per_node: 110,
+            controller_qps: None,
+            job_syncs: None,
+            max_retry_after: retry,
+            node_timers,
+            queueing_controllers: queueing,
+        }
+    }
+
+    #[test]
+    fn the_default_config_is_the_e2e_one() {
+        let config = state(NodeTimers::E2e, None, None).bulwark_config().unwrap();
+        assert_eq!(config, BULWARK_CONFIG);
+    }
+
+    #[test]
+    fn production_timers_leave_the_node_controller_section_out() {
+        let config = state(NodeTimers::Production, Some(false), Some(30))
+            .bulwark_config()
+            .unwrap();
+        assert!(!config.contains("nodeController:"), "{config}");
+        assert!(!config.contains("grace:"), "{config}");
+        assert!(config.contains("maxRetryAfterSeconds: 30\n"), "{config}");
+        assert!(config.ends_with("queueingControllers: false\n"), "{config}");
+        assert!(config.contains("pendingPerHealthyNode: 30\n"), "{config}");
+    }
+
+    #[test]
+    fn the_apiserver_keeps_an_audit_log_of_pod_creations() {
+        let args = state(NodeTimers::E2e, None, None).args(Component::Apiserver);
+        assert!(args.contains(&"--audit-log-path=/tmp/x/logs/audit.log".to_owned()));
+        assert!(AUDIT_POLICY.contains("resources: [pods]"));
     }
 }

@@ -23,12 +23,12 @@ use std::{
 use anyhow::Context;
 use kube::Client;
 
-pub use args::{BULWARK_CONFIG, Component, WEBHOOK_SECRET};
+pub use args::{AUDIT_POLICY, BULWARK_CONFIG, Component, WEBHOOK_SECRET};
 pub use binaries::{
     build_bulwark, bulwark_binary, cert_manager_crds, control_plane_binaries, deploy_dir,
 };
 pub use client::{NODE_CONTROLLER_LEASE, client_from, lease_holder, plain_get, register_webhooks};
-pub use state::{DEFAULT_PODS_PER_NODE, Options, Ports, State, free_port};
+pub use state::{DEFAULT_PODS_PER_NODE, NodeTimers, Options, Ports, State, free_port};
 
 use crate::process::{Daemon, RunDir};
 
@@ -84,6 +84,8 @@ impl Cluster {
             controller_qps: opts.controller_qps,
             job_syncs: opts.job_syncs,
             max_retry_after: opts.max_retry_after,
+            node_timers: opts.node_timers,
+            queueing_controllers: opts.queueing_controllers,
         };
         let state_json = serde_json::to_string_pretty(&state).context("encoding cluster state")?;
         std::fs::write(dir.join(STATE_FILE), state_json).context("writing cluster.json")?;

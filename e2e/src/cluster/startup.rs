@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
 use kube::{Api, Client, api::PostParams};
 
 use super::{
-    BULWARK_CONFIG, Cluster, Component, DEFAULTED_ANNOTATION,
+    AUDIT_POLICY, Cluster, Component, DEFAULTED_ANNOTATION,
     args::KWOK_STAGES,
     client::{
         client_from, lease_holder, node_ready, plain_get, probe_pod, ready, register_webhooks,
@@ -40,20 +40,11 @@ impl Cluster {
         let step = |what: &str| eprintln!("[{:5.1}s] {what}", t0.elapsed().as_secs_f64());
         let dir = self.state.dir.clone();
         let pki = pki::generate(&dir, &self.state.apiserver_url())?;
-        let config = match self.state.max_retry_after {
-            Some(n) => {
-                let line = "maxRetryAfterSeconds: 1\n";
-                anyhow::ensure!(
-                    BULWARK_CONFIG.contains(line),
-                    "the e2e bulwark config has no `{}` line to replace",
-                    line.trim_end()
-                );
-                BULWARK_CONFIG.replace(line, &format!("maxRetryAfterSeconds: {n}\n"))
-            }
-            None => BULWARK_CONFIG.to_owned(),
-        };
+        let config = self.state.bulwark_config()?;
         std::fs::write(dir.join("bulwark.yaml"), config).context("writing bulwark.yaml")?;
         std::fs::write(dir.join("kwok.yaml"), KWOK_STAGES).context("writing kwok.yaml")?;
+        std::fs::write(dir.join("audit-policy.yaml"), AUDIT_POLICY)
+            .context("writing audit-policy.yaml")?;
 
         step("starting etcd");
         self.spawn(Component::Etcd)?;

@@ -22,6 +22,36 @@ pub struct Options {
     pub job_syncs: Option<u32>,
     /// bulwark's `maxRetryAfterSeconds`; default: 1, which keeps the tests short.
     pub max_retry_after: Option<u32>,
+    /// The node controller's clock: the e2e config's seconds, or its own defaults.
+    pub node_timers: NodeTimers,
+    /// bulwark's `queueingControllers`; default: not written, so bulwark's own default (true).
+    pub queueing_controllers: Option<bool>,
+}
+
+/// Which `nodeController:` timings the cluster's bulwark runs with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeTimers {
+    /// Seconds (grace 2s, removeAfter 5s, leaseStaleAfter 6s, ...), so the node tests play
+    /// out within a test's time.
+    #[default]
+    E2e,
+    /// No `nodeController:` section: the node controller's own defaults (grace 60s,
+    /// removeAfter 10m, leaseStaleAfter 40s, ...), as an install without one runs. For
+    /// benchmarks, where a node taken away by a hair-trigger clock would measure the clock.
+    Production,
+}
+
+impl std::str::FromStr for NodeTimers {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "e2e" => Ok(NodeTimers::E2e),
+            "production" => Ok(NodeTimers::Production),
+            other => Err(format!("{other:?}: expected e2e or production")),
+        }
+    }
 }
 
 impl Default for Options {
@@ -34,6 +64,8 @@ impl Default for Options {
             controller_qps: None,
             job_syncs: None,
             max_retry_after: None,
+            node_timers: NodeTimers::E2e,
+            queueing_controllers: None,
         }
     }
 }
@@ -102,6 +134,10 @@ pub struct State {
     pub job_syncs: Option<u32>,
     #[serde(default)]
     pub max_retry_after: Option<u32>,
+    #[serde(default)]
+    pub node_timers: NodeTimers,
+    #[serde(default)]
+    pub queueing_controllers: Option<bool>,
 }
 
 impl State {
@@ -120,6 +156,12 @@ impl State {
     /// kube-scheduler's metrics (HTTPS with a self-signed certificate, no credentials).
     pub fn scheduler_metrics_url(&self) -> String {
         format!("https://127.0.0.1:{}/metrics", self.ports.scheduler)
+    }
+
+    /// kube-apiserver's audit log: pod creations only, with their response status
+    /// ([`AUDIT_POLICY`](super::AUDIT_POLICY)); rotated files sit next to it.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("logs").join("audit.log")
     }
 
     pub fn kubeconfig(&self) -> PathBuf {

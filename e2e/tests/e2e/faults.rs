@@ -21,14 +21,14 @@ use crate::support::{Ctx, eventually, metric_at, pod, steady_load, unschedulable
 
 /// Points both registrations at `base_url` and gives kube-apiserver's configuration informer a
 /// moment to see it.
-async fn route_webhooks(ctx: &Ctx, base_url: &str) -> anyhow::Result<()> {
+pub async fn route_webhooks(ctx: &Ctx, base_url: &str) -> anyhow::Result<()> {
     register_webhooks(&ctx.client, base_url).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     Ok(())
 }
 
 /// Waits until the webhook whose metrics are on `metrics_port` has synced its caches.
-async fn wait_ready(metrics_port: u16, what: &str) -> anyhow::Result<()> {
+pub async fn wait_ready(metrics_port: u16, what: &str) -> anyhow::Result<()> {
     eventually(Duration::from_secs(30), what, || async move {
         let sent = metric_at(metrics_port, "bulwark_start_time_seconds", &[]).unwrap_or(0.0);
         let synced = metric_at(metrics_port, "bulwark_schedulable_nodes", &[]).unwrap_or(0.0);

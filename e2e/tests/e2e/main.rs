@@ -18,6 +18,7 @@ mod node_controllers;
 mod nodes;
 mod quotas;
 mod rate_sharing;
+mod refusal_forms;
 mod support;
 
 use std::{
@@ -63,6 +64,7 @@ use quotas::{
     max_pending_counts_unscheduled_pods, max_pods_counts_live_pods, started_workflows_go_first,
 };
 use rate_sharing::replicas_share_the_namespace_rate;
+use refusal_forms::controllers_are_refused_without_retry_after;
 use support::Ctx;
 
 type TestFn = for<'a> fn(&'a mut Ctx) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + 'a>>;
@@ -99,6 +101,7 @@ fn tests() -> Vec<(&'static str, TestFn)> {
         deploy_manifests_are_accepted_by_the_api_server,
         kustomize_and_helm_render_the_same_objects,
         job_of_300_completes_under_pending_cap,
+        controllers_are_refused_without_retry_after,
         unhealthy_node_is_tainted_marked_and_restored,
         stale_lease_taints_the_node,
         many_unhealthy_nodes_hold_remediation,
