@@ -93,7 +93,7 @@ retries=$(grep -c 'Got a Retry-After response' <<<"$out" || true)
 error=$(grep '^Error from server' <<<"$out" || true)
 echo "  (kubectl waited out $retries Retry-After answers first)"
 echo "  $error"
-[[ "$error" == 'Error from server (TooManyRequests): admission webhook "validate.bulwark.io" denied the request: namespace "tiny" has 1 live pods, at its limit of 1; retry in '*'(annotation bulwark.io/max-pods)' ]] ||
+[[ "$error" == 'Error from server (TooManyRequests): admission webhook "validate.bulwark.io" denied the request: namespace "tiny" has 1 live pod, at its limit of 1; retry in '*'(annotation bulwark.io/max-pods)' ]] ||
   fail "unexpected kubectl output: $out"
 
 say "the cluster is yours"
