@@ -12,7 +12,8 @@
 #     cert-manager overlay can be checked by the API server)
 #   prometheus-operator CRDs  (ServiceMonitor, PrometheusRule from the prometheus-operator
 #     module's example/prometheus-operator-crd, for the monitoring component)
-# Prints the directory holding the binaries.
+# Prints the directory holding the binaries. BULWARK_BUILD=cluster builds only what a cluster
+# runs (etcd, Kubernetes, kwok), not the tools of the deploy/ tests (helm, promtool, CRDs).
 set -euo pipefail
 # A Go older than a module's `go` line fetches the matching toolchain from the module proxy
 # (distribution packages often pin GOTOOLCHAIN=local).
@@ -61,6 +62,10 @@ if ! stamp kwok "$kwok"; then
   echo "building kwok $kwok" >&2
   GOBIN="$bin" go install "sigs.k8s.io/kwok/cmd/kwok@$kwok"
   mark kwok "$kwok"
+fi
+if [ "${BULWARK_BUILD:-all}" = cluster ]; then
+  echo "$bin"
+  exit 0
 fi
 if ! stamp helm "$helm"; then
   need_go "helm $helm"
