@@ -102,7 +102,7 @@ else:
     refused*) refused=$((refused + 1)); printf '  burst-%-3s %s\n' "$i" "${line%%$'\t'*}"
       case "$line" in
         *"faster than its limit"*) [ -z "$rate_msg" ] && rate_msg="${line#*$'\t'}" ;;
-        *"pods not yet running"*) [ -z "$pending_msg" ] && pending_msg="${line#*$'\t'}" ;;
+        *"not yet running"*) [ -z "$pending_msg" ] && pending_msg="${line#*$'\t'}" ;;
       esac ;;
     *) fail "unexpected answer: $out" ;;
   esac

@@ -49,6 +49,43 @@ pub enum Command {
     NodeController(NodeControllerArgs),
     /// Generate a CA and a serving certificate for the webhook.
     Certs(CertsArgs),
+    /// Show each namespace's limits, where they came from, how close it is to them and what
+    /// bulwark refused it lately (also `kubectl bulwark status`).
+    Status(StatusArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum StatusOutput {
+    /// More columns: the burst, where the mode came from, each annotation problem in full.
+    Wide,
+    Json,
+}
+
+#[derive(Parser)]
+pub struct StatusArgs {
+    /// The namespace to show (default: the kubeconfig context's).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    /// Every namespace (needs list on namespaces, pods and events cluster-wide).
+    #[arg(short = 'A', long, conflicts_with = "namespace")]
+    all_namespaces: bool,
+    #[arg(short = 'o', long, value_enum)]
+    output: Option<StatusOutput>,
+    /// kubeconfig (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use.
+    #[arg(long)]
+    context: Option<String>,
+    /// Act as this user, as `kubectl --as` does.
+    #[arg(long = "as")]
+    as_user: Option<String>,
+    /// Act as this group too (repeatable), as `kubectl --as-group` does.
+    #[arg(long = "as-group", requires = "as_user")]
+    as_group: Vec<String>,
+    /// Where bulwark is installed: its ConfigMap bulwark-config holds the defaults.
+    #[arg(long, default_value = "bulwark-system")]
+    bulwark_namespace: String,
 }
 
 #[derive(Parser)]
@@ -225,6 +262,7 @@ impl Command {
             Command::Webhook(args) => webhook(args).await,
             Command::NodeController(args) => node_controller(args).await,
             Command::Certs(args) => certs(args).await,
+            Command::Status(args) => status(args).await,
         }
     }
 }
@@ -327,6 +365,101 @@ async fn kube_client(kubeconfig: Option<PathBuf>, retry: bool) -> anyhow::Result
     };
     config.default_retry = retry;
     kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// The user's client, as kubectl builds it: the kubeconfig and context given or the default
+/// ones, with `--as`; kube-rs retries a throttled read on its own.
+async fn user_client(args: &StatusArgs) -> anyhow::Result<kube::Client> {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let options = KubeConfigOptions {
+        context: args.context.clone(),
+        ..KubeConfigOptions::default()
+    };
+    let mut config = match (&args.kubeconfig, &args.context) {
+        (Some(path), _) => {
+            let kc = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &options)
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        (None, Some(context)) => kube::Config::from_kubeconfig(&options)
+            .await
+            .with_context(|| format!("using kubeconfig context {context}"))?,
+        (None, None) => kube::Config::infer()
+            .await
+            .context("no kubeconfig or in-cluster config found (use --kubeconfig)")?,
+    };
+    if let Some(user) = &args.as_user {
+        config.auth_info.impersonate = Some(user.clone());
+        if !args.as_group.is_empty() {
+            config.auth_info.impersonate_groups = Some(args.as_group.clone());
+        }
+    }
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    use bulwark::status::{
+        limits::Origin,
+        read::{Scope, read},
+        table,
+    };
+    let client = user_client(&args).await?;
+    let scope = match (&args.namespace, args.all_namespaces) {
+        (_, true) => Scope::All,
+        (Some(ns), false) => Scope::Namespace(ns.clone()),
+        (None, false) => Scope::Namespace(client.default_namespace().to_owned()),
+    };
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let snapshot = read(&client, &scope, &args.bulwark_namespace, now).await?;
+    let rows = table::rows(
+        &snapshot.defaults,
+        &args.bulwark_namespace,
+        &snapshot.namespaces,
+        &snapshot.pods,
+        snapshot.refusals.as_ref().ok(),
+    );
+    if matches!(args.output, Some(StatusOutput::Json)) {
+        let mut out = table::json(&rows, &snapshot.defaults);
+        if let Err(why) = &snapshot.refusals {
+            out["refusalsUnknownBecause"] = why.as_str().into();
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    // What the table could not know goes to stderr, as kubectl's warnings do.
+    if let Origin::Assumed(why) = &snapshot.defaults.origin {
+        eprintln!("note: bulwark's built-in defaults assumed ({why})");
+    }
+    if let Err(why) = &snapshot.refusals {
+        eprintln!("note: refusals unknown, bulwark's Events could not be read ({why})");
+    }
+    if rows.is_empty() {
+        eprintln!("No namespaces found.");
+    }
+    let wide = matches!(args.output, Some(StatusOutput::Wide));
+    print!("{}", table::text(&rows, wide));
+    Ok(())
+}
+
+/// `kubectl bulwark ...` runs this binary as `kubectl-bulwark` (kubectl's plugin convention:
+/// an executable of that name on PATH, e.g. a symlink); its usage then says so.
+pub fn parse() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let plugin = std::env::args_os()
+        .next()
+        .and_then(|argv0| {
+            std::path::Path::new(&argv0)
+                .file_name()
+                .map(|n| n.to_string_lossy().starts_with("kubectl-bulwark"))
+        })
+        .unwrap_or(false);
+    let mut command = Cli::command();
+    if plugin {
+        command = command.bin_name("kubectl bulwark");
+    }
+    Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit())
 }
 
 impl ManagedCertArgs {

@@ -14,8 +14,8 @@
 //! ```
 //!
 //! Beside the flow: `nodes` (the node controller), `config` (the `--config` file, each section
-//! parsed by its owner), and the leaves `metrics`, `backoff` and `value`. See
-//! docs/architecture.md.
+//! parsed by its owner), `status` (what `bulwark status` reads and shows an operator), and the
+//! leaves `metrics`, `backoff` and `value`. See docs/architecture.md.
 
 pub mod backoff;
 pub mod cluster;
@@ -26,6 +26,7 @@ pub mod policy;
 pub mod quota;
 pub mod review;
 pub mod serve;
+pub mod status;
 #[cfg(test)]
 pub mod testing;
 pub mod value;

@@ -14,7 +14,7 @@ use std::{
 use crate::{
     cluster::{self, cache::Cache, cache::Watched},
     metrics::{Scrape, webhook::WebhookMetrics},
-    quota::{ledger::Ledger, view::ClusterView},
+    quota::{ledger::Ledger, throttled::Throttled, view::ClusterView},
     review::{self, answer::Admitter, answer::Answered, wire::ReviewError},
     serve::{
         self, Running, ServeOptions, ServerError,
@@ -74,6 +74,8 @@ pub struct Webhook {
     ledger: Arc<Ledger>,
     metrics: Arc<WebhookMetrics>,
     service: Arc<Service>,
+    /// The admitter's refusals per namespace, drained into Throttled Events.
+    throttled: Arc<Throttled>,
 }
 
 impl Webhook {
@@ -93,6 +95,7 @@ impl Webhook {
             ledger.clone(),
             metrics.admission.clone(),
         );
+        let throttled = admitter.throttled().clone();
         let synced = cache.clone();
         let ready = Box::new(move || {
             if offline || synced.is_synced() {
@@ -107,6 +110,7 @@ impl Webhook {
             ledger,
             metrics,
             service,
+            throttled,
         }
     }
 
@@ -149,6 +153,12 @@ impl Webhook {
             }
             (Certificates::Managed(_), None) => return Err(StartError::ManagedNeedsApiServer),
         };
+        // Offline, the reports are only logged.
+        let throttled = cluster::throttled::spawn(
+            opts.client.clone(),
+            opts.identity.clone(),
+            webhook.throttled.clone(),
+        );
         match &opts.client {
             None => tracing::info!(
                 "offline: no API server; policy from config, counts from own admissions"
@@ -200,6 +210,7 @@ impl Webhook {
             webhook,
             running,
             sweeper,
+            throttled,
         })
     }
 }
@@ -230,6 +241,7 @@ pub struct Started {
     pub webhook: Webhook,
     pub running: Running,
     sweeper: tokio::task::JoinHandle<()>,
+    throttled: tokio::task::JoinHandle<()>,
 }
 
 impl Started {
@@ -241,9 +253,11 @@ impl Started {
         self.running.metrics_addr
     }
 
-    /// Stops accepting, drains in-flight requests, and stops the sweeper.
+    /// Stops accepting, drains in-flight requests, and stops the sweeper and the Throttled
+    /// Event publisher.
     pub async fn shutdown(self) {
         self.running.shutdown().await;
         self.sweeper.abort();
+        self.throttled.abort();
     }
 }

@@ -1,6 +1,6 @@
 //! Where the programs and files the cluster runs on come from: the control plane binaries
 //! e2e/build.sh builds, the `bulwark` binary, the repository's deploy/ directory and the
-//! cert-manager CRDs.
+//! cert-manager and prometheus-operator CRDs.
 
 use std::{
     path::{Path, PathBuf},
@@ -16,13 +16,23 @@ pub fn deploy_dir() -> PathBuf {
 
 /// The cert-manager CRDs e2e/build.sh fetched (Certificate, Issuer).
 pub fn cert_manager_crds() -> anyhow::Result<Vec<PathBuf>> {
+    fetched_crds("cert-manager-")
+}
+
+/// The prometheus-operator CRDs e2e/build.sh fetched (ServiceMonitor, PrometheusRule).
+pub fn prometheus_operator_crds() -> anyhow::Result<Vec<PathBuf>> {
+    fetched_crds("prometheus-operator-")
+}
+
+/// The CRD files e2e/build.sh put under `crds/<prefix><version>/`.
+fn fetched_crds(prefix: &str) -> anyhow::Result<Vec<PathBuf>> {
     let dir = crate::cache_dir().join("crds");
     let mut found = Vec::new();
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
         let sub = entry?.path();
         if sub
             .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("cert-manager-"))
+            .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
         {
             for f in std::fs::read_dir(&sub)? {
                 found.push(f?.path());
@@ -31,7 +41,7 @@ pub fn cert_manager_crds() -> anyhow::Result<Vec<PathBuf>> {
     }
     anyhow::ensure!(
         !found.is_empty(),
-        "no cert-manager CRDs under {}",
+        "no {prefix}* CRDs under {}",
         dir.display()
     );
     found.sort();

@@ -26,6 +26,7 @@ use kube::Client;
 pub use args::{AUDIT_POLICY, BULWARK_CONFIG, Component, WEBHOOK_SECRET};
 pub use binaries::{
     build_bulwark, bulwark_binary, cert_manager_crds, control_plane_binaries, deploy_dir,
+    prometheus_operator_crds,
 };
 pub use client::{NODE_CONTROLLER_LEASE, client_from, lease_holder, plain_get, register_webhooks};
 pub use state::{DEFAULT_PODS_PER_NODE, NodeTimers, Options, Ports, State, free_port};

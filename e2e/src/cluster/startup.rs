@@ -9,8 +9,11 @@ use std::{
 
 use anyhow::Context;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
-use kube::{Api, Client, api::PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, ServiceAccount};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+};
 
 use super::{
     AUDIT_POLICY, Cluster, Component, DEFAULTED_ANNOTATION,
@@ -41,10 +44,19 @@ impl Cluster {
         let dir = self.state.dir.clone();
         let pki = pki::generate(&dir, &self.state.apiserver_url())?;
         let config = self.state.bulwark_config()?;
-        std::fs::write(dir.join("bulwark.yaml"), config).context("writing bulwark.yaml")?;
+        std::fs::write(dir.join("bulwark.yaml"), &config).context("writing bulwark.yaml")?;
         std::fs::write(dir.join("kwok.yaml"), KWOK_STAGES).context("writing kwok.yaml")?;
         std::fs::write(dir.join("audit-policy.yaml"), AUDIT_POLICY)
             .context("writing audit-policy.yaml")?;
+        // `kubectl bulwark`: the bulwark binary under kubectl's plugin name, on `env`'s PATH.
+        // A hard link (a copy across file systems), not a symlink: the plugin stays the build
+        // this cluster runs even when the binary is rebuilt meanwhile.
+        let plugins = self.state.plugin_dir();
+        std::fs::create_dir_all(&plugins).context("creating the plugin directory")?;
+        let plugin = plugins.join("kubectl-bulwark");
+        if std::fs::hard_link(&self.state.bulwark, &plugin).is_err() {
+            std::fs::copy(&self.state.bulwark, &plugin).context("copying kubectl-bulwark")?;
+        }
 
         step("starting etcd");
         self.spawn(Component::Etcd)?;
@@ -95,6 +107,23 @@ impl Cluster {
             "-f",
             &base.join("rbac.yaml").display().to_string(),
         ])?;
+
+        // bulwark's ConfigMap as an install has it, with the config the webhook runs on: where
+        // `bulwark status` reads the defaults.
+        let config_map: ConfigMap = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "bulwark-config", "namespace": objects::BULWARK_NAMESPACE},
+            "data": {"bulwark.yaml": config},
+        }))
+        .context("the bulwark-config ConfigMap")?;
+        Api::<ConfigMap>::namespaced(client.clone(), objects::BULWARK_NAMESPACE)
+            .patch(
+                "bulwark-config",
+                &PatchParams::apply("bulwark-e2e"),
+                &Patch::Apply(&config_map),
+            )
+            .await
+            .context("applying the bulwark-config ConfigMap")?;
 
         let want = self.state.nodes as usize;
         let c = client.clone();

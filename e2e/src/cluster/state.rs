@@ -198,12 +198,28 @@ impl State {
         Pki::in_dir(&self.dir)
     }
 
+    /// kubectl plugins: `kubectl-bulwark`, the bulwark binary under kubectl's plugin name.
+    pub fn plugin_dir(&self) -> PathBuf {
+        self.dir.join("plugins")
+    }
+
+    /// `$PATH` with the plugins and the control plane's binaries (kubectl) first.
+    pub fn path(&self) -> String {
+        let rest = std::env::var("PATH").unwrap_or_default();
+        format!(
+            "{}:{}:{rest}",
+            self.plugin_dir().display(),
+            self.bin_dir.display()
+        )
+    }
+
     /// Shell lines that point kubectl at this cluster.
     pub fn env(&self) -> String {
         format!(
-            "export KUBECONFIG={}\nexport PATH={}:$PATH\nexport BULWARK_METRICS_URL={}\n\
+            "export KUBECONFIG={}\nexport PATH={}:{}:$PATH\nexport BULWARK_METRICS_URL={}\n\
              export SCHEDULER_METRICS_URL={}\n",
             self.kubeconfig().display(),
+            self.plugin_dir().display(),
             self.bin_dir.display(),
             self.metrics_url(),
             self.scheduler_metrics_url()

@@ -116,7 +116,7 @@ pub async fn refusal_is_429_with_retry_after(ctx: &mut Ctx) -> anyhow::Result<()
         "details.retryAfterSeconds equals the header"
     );
     let want = format!(
-        "{VALIDATE_DENIED}namespace \"{ns}\" has 1 live pods, at its limit of 1; retry in {header}s, when some finish (annotation bulwark.io/max-pods)"
+        "{VALIDATE_DENIED}namespace \"{ns}\" has 1 live pod, at its limit of 1; retry in {header}s, when some finish (annotation bulwark.io/max-pods)"
     );
     assert_eq!(status.message, want);
     Ok(())
@@ -194,7 +194,7 @@ pub async fn kubectl_prints_the_refusal_when_capacity_stays_gone(
         .find(|l| !l.trim().is_empty())
         .unwrap_or_default();
     let prefix = format!(
-        "Error from server (TooManyRequests): {VALIDATE_DENIED}namespace \"{ns}\" has 1 live pods, at its limit of 1; retry in "
+        "Error from server (TooManyRequests): {VALIDATE_DENIED}namespace \"{ns}\" has 1 live pod, at its limit of 1; retry in "
     );
     ensure!(
         line.starts_with(&prefix)

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, bail, ensure};
 use bulwark_e2e::{
-    cluster::{cert_manager_crds, deploy_dir},
+    cluster::{cert_manager_crds, deploy_dir, prometheus_operator_crds},
     objects::BULWARK_NAMESPACE,
     pki::{Identity, kubeconfig_path},
 };
@@ -28,6 +28,7 @@ async fn renderings(ctx: &Ctx) -> anyhow::Result<(Vec<Rendering>, Vec<Rendering>
         ("kustomize base", "base"),
         ("kustomize fail-closed", "overlays/fail-closed"),
         ("kustomize cert-manager", "overlays/cert-manager"),
+        ("kustomize monitoring", "overlays/monitoring"),
     ] {
         let dir = deploy.join(dir).display().to_string();
         let out = ctx.kubectl(&["kustomize", &dir], None).await?;
@@ -46,6 +47,13 @@ async fn renderings(ctx: &Ctx) -> anyhow::Result<(Vec<Rendering>, Vec<Rendering>
             Some("webhook.failurePolicy=Fail"),
         ),
         ("helm certManager", Some("certManager.enabled=true")),
+        (
+            "helm monitoring",
+            Some(
+                "monitoring.serviceMonitor.enabled=true,monitoring.prometheusRule.enabled=true,\
+                 monitoring.grafanaDashboard.enabled=true",
+            ),
+        ),
     ] {
         let mut cmd = tokio::process::Command::new(ctx.state().helm());
         cmd.args(["template", "bulwark", &chart]);
@@ -130,8 +138,12 @@ fn check_workloads(r: &Rendering, objs: &BTreeMap<Key, Value>) -> anyhow::Result
 }
 
 pub async fn deploy_manifests_are_accepted_by_the_api_server(ctx: &mut Ctx) -> anyhow::Result<()> {
-    // The cert-manager overlay needs cert-manager's CRDs (the real ones, from its module).
-    for crd in cert_manager_crds()? {
+    // The cert-manager overlay needs cert-manager's CRDs, the monitoring ones
+    // prometheus-operator's (the real ones, from their modules).
+    for crd in cert_manager_crds()?
+        .into_iter()
+        .chain(prometheus_operator_crds()?)
+    {
         let out = ctx
             .kubectl(
                 &["apply", "--server-side", "-f", &crd.display().to_string()],
@@ -148,11 +160,17 @@ pub async fn deploy_manifests_are_accepted_by_the_api_server(ctx: &mut Ctx) -> a
                 "--timeout=30s",
                 "crd/certificates.cert-manager.io",
                 "crd/issuers.cert-manager.io",
+                "crd/servicemonitors.monitoring.coreos.com",
+                "crd/prometheusrules.monitoring.coreos.com",
             ],
             None,
         )
         .await?;
-    ensure!(out.success, "cert-manager CRDs: {}", out.stderr);
+    ensure!(
+        out.success,
+        "cert-manager and prometheus-operator CRDs: {}",
+        out.stderr
+    );
 
     let (kustomize, helm) = renderings(ctx).await?;
     for r in kustomize.iter().chain(&helm) {

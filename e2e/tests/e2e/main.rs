@@ -16,6 +16,7 @@ mod deploy;
 mod faults;
 mod node_controllers;
 mod nodes;
+mod operators;
 mod quotas;
 mod rate_sharing;
 mod refusal_forms;
@@ -57,6 +58,11 @@ use node_controllers::{
 use nodes::{
     many_unhealthy_nodes_hold_remediation, stale_lease_taints_the_node,
     unhealthy_node_is_tainted_marked_and_restored,
+};
+use operators::{
+    a_burst_of_refusals_makes_few_throttled_events,
+    a_namespace_reader_gets_its_row_and_a_clear_error_for_all,
+    kubectl_bulwark_status_explains_a_throttled_job, monitoring_checks_and_metrics_served,
 };
 use quotas::{
     cluster_pending_cap_follows_schedulable_nodes, dry_run_consumes_nothing,
@@ -102,6 +108,10 @@ fn tests() -> Vec<(&'static str, TestFn)> {
         kustomize_and_helm_render_the_same_objects,
         job_of_300_completes_under_pending_cap,
         controllers_are_refused_without_retry_after,
+        kubectl_bulwark_status_explains_a_throttled_job,
+        a_namespace_reader_gets_its_row_and_a_clear_error_for_all,
+        a_burst_of_refusals_makes_few_throttled_events,
+        monitoring_checks_and_metrics_served,
         unhealthy_node_is_tainted_marked_and_restored,
         stale_lease_taints_the_node,
         many_unhealthy_nodes_hold_remediation,

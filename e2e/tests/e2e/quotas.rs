@@ -136,7 +136,7 @@ async fn cluster_cap_with_one_node(ctx: &mut Ctx) -> anyhow::Result<()> {
         .refused()?;
     ensure!(
         refused.message.contains(
-            "the cluster has 30 pods not yet running, at its limit of 30 (30 per schedulable node x 1 nodes)"
+            "the cluster has 30 pods not yet running, at its limit of 30 (30 per schedulable node x 1 node)"
         ),
         "{}",
         refused.message

@@ -253,6 +253,8 @@ impl Ctx {
     pub async fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Kubectl> {
         let mut cmd = tokio::process::Command::new(self.state().kubectl());
         cmd.env("KUBECONFIG", self.state().kubeconfig())
+            // Plugins (`kubectl bulwark`) and kubectl itself, as `cluster env` sets them.
+            .env("PATH", self.state().path())
             .args(args)
             .stdin(if stdin.is_some() {
                 Stdio::piped()

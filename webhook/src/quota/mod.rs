@@ -6,7 +6,8 @@
 //! - [`ledger`]: what this replica admitted and has not yet seen in the watch, check and
 //!   commit under one lock;
 //! - [`rate`] (GCRA), [`waiting`] (refused clients not yet due back), [`retry`]
-//!   (`retryAfterSeconds` with jitter), [`staleness`] (when counts stop being trusted).
+//!   (`retryAfterSeconds` with jitter), [`staleness`] (when counts stop being trusted);
+//! - [`throttled`]: which namespaces are due a Throttled Event summing up their refusals.
 
 pub mod decide;
 pub mod ledger;
@@ -14,6 +15,7 @@ pub mod rate;
 pub mod refusal;
 pub mod retry;
 pub mod staleness;
+pub mod throttled;
 pub mod view;
 pub mod waiting;
 

@@ -20,6 +20,7 @@ use crate::{
         decide::{Ask, Limits},
         ledger::{Commit, Ledger, Request},
         retry,
+        throttled::Throttled,
         view::{ClusterView, NamespaceInfo},
     },
 };
@@ -51,6 +52,8 @@ pub struct Admitter {
     limits: Limits,
     /// The policy of namespaces the cache does not know (offline mode, or not yet watched).
     default_namespace: Arc<NamespaceInfo>,
+    /// Enforced refusals per namespace, for the Throttled Events written off this path.
+    throttled: Arc<Throttled>,
 }
 
 impl Admitter {
@@ -70,7 +73,13 @@ impl Admitter {
             view,
             ledger,
             metrics,
+            throttled: Arc::new(Throttled::new()),
         }
+    }
+
+    /// The refusals it counts for Throttled Events; whoever wires it drains them.
+    pub fn throttled(&self) -> &Arc<Throttled> {
+        &self.throttled
     }
 
     /// The pod CREATE bulwark decides and its namespace's policy, or why it does not decide.
@@ -219,6 +228,10 @@ impl Admitter {
             "refused pod creation"
         );
         self.metrics.refused(form.label(), retry);
+        // A dry run creates nothing, so it is no refused creation.
+        if commit == Commit::Enforce {
+            self.throttled.refused(ns, &refusal, now);
+        }
         let hint = (form == RefusalForm::RetryAfter).then_some(retry);
         let resp = with_warnings(too_many_requests(allow, message, hint), warnings);
         (resp, answered("refused", refusal.reason()))
@@ -407,5 +420,45 @@ mod tests {
         }
         let later = retry("kubernetes-admin", "p20");
         assert!(later.is_some_and(|s| s >= 5), "{later:?}");
+    }
+
+    #[test]
+    fn only_enforced_refusals_are_counted_for_throttled_events() {
+        let full = Policy {
+            rate: None,
+            max_pods: Some(0),
+            ..Policy::default()
+        };
+        let t = Instant::now();
+        let a = admitter(full.clone(), QueueingClients::default());
+        a.validate(&review("a"), t);
+        a.validate(&review("b"), t);
+        let dry = decode(
+            &Fixture::pod_create()
+                .uid("c")
+                .name("c")
+                .dry_run(true)
+                .bytes(),
+        )
+        .unwrap();
+        a.validate(&dry, t);
+        let due = a.throttled().due(t + Duration::from_secs(1), 10);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].counts(), "max_pods=2", "the dry run is not counted");
+
+        let warn = admitter(
+            Policy {
+                mode: Mode::Warn,
+                ..full
+            },
+            QueueingClients::default(),
+        );
+        let (resp, o) = warn.validate(&review("d"), t);
+        assert!(resp.allowed && o.verdict == "warned", "{o:?}");
+        assert!(
+            warn.throttled()
+                .due(t + Duration::from_secs(1), 10)
+                .is_empty()
+        );
     }
 }

@@ -45,11 +45,13 @@ impl PodEntry {
         }
     }
 
-    pub(super) fn live(&self) -> bool {
+    /// Counted against max-pods (not Succeeded or Failed).
+    pub fn live(&self) -> bool {
         self.state != PodState::Terminal
     }
 
-    pub(super) fn counts_pending(&self) -> bool {
+    /// Counted against max-pending-pods and the cluster cap.
+    pub fn counts_pending(&self) -> bool {
         self.state == PodState::Pending && !self.pending_exempt
     }
 }
