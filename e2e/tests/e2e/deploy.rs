@@ -1,7 +1,7 @@
 //! What an install is made of: the deploy/ manifests and Helm chart against the real API
 //! server, and least-privilege RBAC.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context, bail, ensure};
 use bulwark_e2e::{
@@ -11,7 +11,7 @@ use bulwark_e2e::{
 };
 use serde_json::{Value, json};
 
-use crate::support::Ctx;
+use crate::support::{Ctx, eventually};
 
 /// One way to install bulwark, rendered to YAML.
 struct Rendering {
@@ -28,6 +28,14 @@ async fn renderings(ctx: &Ctx) -> anyhow::Result<(Vec<Rendering>, Vec<Rendering>
         ("kustomize base", "base"),
         ("kustomize fail-closed", "overlays/fail-closed"),
         ("kustomize cert-manager", "overlays/cert-manager"),
+        (
+            "kustomize removal-delete-node",
+            "overlays/removal-delete-node",
+        ),
+        (
+            "kustomize removal-cluster-api",
+            "overlays/removal-cluster-api",
+        ),
     ] {
         let dir = deploy.join(dir).display().to_string();
         let out = ctx.kubectl(&["kustomize", &dir], None).await?;
@@ -46,6 +54,14 @@ async fn renderings(ctx: &Ctx) -> anyhow::Result<(Vec<Rendering>, Vec<Rendering>
             Some("webhook.failurePolicy=Fail"),
         ),
         ("helm certManager", Some("certManager.enabled=true")),
+        (
+            "helm removal=delete-node",
+            Some("nodeController.removal=delete-node"),
+        ),
+        (
+            "helm removal=cluster-api",
+            Some("nodeController.removal=cluster-api"),
+        ),
     ] {
         let mut cmd = tokio::process::Command::new(ctx.state().helm());
         cmd.args(["template", "bulwark", &chart]);
@@ -304,8 +320,13 @@ pub async fn rbac_is_least_privilege(ctx: &mut Ctx) -> anyhow::Result<()> {
         (W, "patch nodes", false),
         (W, "watch endpointslices.discovery.k8s.io -n $NS", true),
         (W, "watch endpointslices.discovery.k8s.io -n default", false),
-        (N, "patch nodes", true),
-        (N, "delete nodes", true),
+        (N, "update nodes", true),
+        (N, "patch nodes", false),
+        // annotate and exec need no more; deleting nodes or annotating Machines comes with the
+        // overlay of that removal mode only (checked below).
+        (N, "delete nodes", false),
+        (N, "patch machines.cluster.x-k8s.io -A", false),
+        (N, "list machines.cluster.x-k8s.io -A", false),
         (N, "watch leases -n kube-node-lease", true),
         (N, "update lease/bulwark-node-controller -n $NS", true),
         (N, "update lease/other -n $NS", false),
@@ -336,9 +357,75 @@ pub async fn rbac_is_least_privilege(ctx: &mut Ctx) -> anyhow::Result<()> {
         out.stdout,
         out.stderr
     );
-    println!(
-        "    {} permission checks as the ServiceAccounts",
-        cases.len()
-    );
+    let mut checks = cases.len();
+    // Each removal mode's overlay adds exactly the grant that mode needs.
+    use RemovalMode::{ClusterApi, DeleteNode};
+    let per_mode: &[(RemovalMode, &str, bool)] = &[
+        (DeleteNode, "delete nodes", true),
+        (DeleteNode, "patch machines.cluster.x-k8s.io -A", false),
+        (DeleteNode, "delete pods -n default", false),
+        (ClusterApi, "list machines.cluster.x-k8s.io -A", true),
+        (
+            ClusterApi,
+            "patch machines.cluster.x-k8s.io -n capi-system",
+            true,
+        ),
+        (ClusterApi, "delete machines.cluster.x-k8s.io -A", false),
+        (ClusterApi, "delete nodes", false),
+    ];
+    for mode in [DeleteNode, ClusterApi] {
+        let grant = RemovalGrant::apply(ctx, mode).await?;
+        let result = async {
+            for (_, line, want) in per_mode.iter().filter(|(m, ..)| *m == mode) {
+                let args: Vec<&str> = line.split_whitespace().collect();
+                // RBAC's authorizer sees a new binding within moments, not at once.
+                eventually(
+                    Duration::from_secs(10),
+                    &format!("{mode:?}: can {line} = {want}"),
+                    || async { Ok((can_i(ctx, N, &args).await? == *want).then_some(())) },
+                )
+                .await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        grant.remove(ctx).await?;
+        result?;
+    }
+    checks += per_mode.len();
+    println!("    {checks} permission checks as the ServiceAccounts");
     Ok(())
+}
+
+/// A removal mode whose overlay grants the node controller more than deploy/base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemovalMode {
+    DeleteNode,
+    ClusterApi,
+}
+
+/// The extra RBAC of a removal mode's overlay, applied as an install of that overlay has it.
+pub struct RemovalGrant(String);
+
+impl RemovalGrant {
+    pub async fn apply(ctx: &Ctx, mode: RemovalMode) -> anyhow::Result<RemovalGrant> {
+        let dir = match mode {
+            RemovalMode::DeleteNode => "overlays/removal-delete-node",
+            RemovalMode::ClusterApi => "overlays/removal-cluster-api",
+        };
+        let file = deploy_dir()
+            .join(dir)
+            .join("rbac.yaml")
+            .display()
+            .to_string();
+        let out = ctx.kubectl(&["apply", "-f", &file], None).await?;
+        ensure!(out.success, "applying {file}: {}", out.stderr);
+        Ok(RemovalGrant(file))
+    }
+
+    pub async fn remove(self, ctx: &Ctx) -> anyhow::Result<()> {
+        let out = ctx.kubectl(&["delete", "-f", &self.0], None).await?;
+        ensure!(out.success, "deleting {}: {}", self.0, out.stderr);
+        Ok(())
+    }
 }
