@@ -174,7 +174,17 @@ pub async fn deploy_manifests_are_accepted_by_the_api_server(ctx: &mut Ctx) -> a
     for r in kustomize.iter().chain(&helm) {
         let objs = objects(r)?;
         let containers = check_workloads(r, &objs)?;
-        ensure!(containers == 2, "{}: {containers} containers", r.name);
+        // The webhook, the node controller and (with self-managed certificates) bulwark-cabundle.
+        let expected = if r.name.contains("cert-manager") || r.name.contains("certManager") {
+            2
+        } else {
+            3
+        };
+        ensure!(
+            containers == expected,
+            "{}: {containers} containers",
+            r.name
+        );
         // Server-side apply with the field manager that applied the e2e cluster's own copies
         // (namespace, RBAC, registrations): what it owned and a rendering leaves out goes,
         // so each rendering is checked as it would stand, not merged into the e2e objects.
@@ -327,7 +337,11 @@ async fn may(ctx: &Ctx, who: Identity, line: &str) -> anyhow::Result<bool> {
 pub async fn rbac_is_least_privilege(ctx: &mut Ctx) -> anyhow::Result<()> {
     // The components really act as their ServiceAccounts (so every other test that works
     // shows the grants are enough).
-    for who in [Identity::Webhook, Identity::NodeController] {
+    for who in [
+        Identity::Webhook,
+        Identity::NodeController,
+        Identity::Cabundle,
+    ] {
         let kubeconfig = kubeconfig_path(&ctx.state().dir, who).display().to_string();
         let out = ctx
             .kubectl(
@@ -350,13 +364,17 @@ pub async fn rbac_is_least_privilege(ctx: &mut Ctx) -> anyhow::Result<()> {
         );
     }
     let ns = BULWARK_NAMESPACE;
-    use Identity::{NodeController as N, Webhook as W};
+    use Identity::{Cabundle as C, NodeController as N, Webhook as W};
     // (who, `kubectl auth can-i` arguments, allowed); $NS is bulwark's namespace.
     let cases: &[(Identity, &str, bool)] = &[
         (W, "watch pods -A", true),
         (W, "create events.events.k8s.io -n default", true),
         (W, "update secret/bulwark-webhook-tls -n $NS", true),
-        (W, "update validatingwebhookconfigurations/bulwark", true),
+        // The webhook reads its configurations but cannot rewrite them (their rules included).
+        (W, "get validatingwebhookconfigurations/bulwark", true),
+        (W, "update validatingwebhookconfigurations/bulwark", false),
+        (W, "update mutatingwebhookconfigurations/bulwark", false),
+        (W, "patch mutatingwebhookconfigurations/bulwark", false),
         (W, "create pods -n default", false),
         (W, "delete pods -n default", false),
         (W, "get secrets -n $NS", false),
@@ -377,6 +395,16 @@ pub async fn rbac_is_least_privilege(ctx: &mut Ctx) -> anyhow::Result<()> {
         (N, "list machines.cluster.x-k8s.io -A", false),
         (N, "watch leases -n kube-node-lease", true),
         (N, "update lease/bulwark-node-controller -n $NS", true),
+        // bulwark-cabundle: the caBundle's only writer, reading only the certificate Secret.
+        (C, "update validatingwebhookconfigurations/bulwark", true),
+        (C, "update mutatingwebhookconfigurations/bulwark", true),
+        (C, "update validatingwebhookconfigurations/other", false),
+        (C, "create validatingwebhookconfigurations", false),
+        (C, "delete mutatingwebhookconfigurations/bulwark", false),
+        (C, "get secret/bulwark-webhook-tls -n $NS", true),
+        (C, "update secret/bulwark-webhook-tls -n $NS", false),
+        (C, "get secrets -n $NS", false),
+        (C, "create pods -n default", false),
         (N, "update lease/other -n $NS", false),
         (N, "update leases -n kube-node-lease", false),
         (N, "get secrets -A", false),
