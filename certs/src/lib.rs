@@ -382,27 +382,60 @@ pub struct Written {
     pub key: PathBuf,
 }
 
-/// Writes a PEM file through a temporary file and a rename; `private` makes it 0600.
+/// Writes a PEM file through a temporary file and a rename, so a webhook watching the files
+/// never reads half of one. `private` (keys) makes it 0600, others 0644.
+///
+/// The temporary file gets an unpredictable name beside `path` and is created exclusively
+/// (`create_new`: never an existing file, never through a symlink) with its final mode, so a
+/// key is not readable by others at any moment, whatever was in the directory before.
 pub fn write_pem(path: &Path, content: &str, private: bool) -> Result<(), CertError> {
     let err = |source| CertError::Write {
         path: path.display().to_string(),
         source,
     };
-    // Write then rename, so a webhook watching the files never reads half of one.
-    let tmp = path.with_extension("tmp");
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
+    let (mut file, tmp) = create_temporary(path, private).map_err(err)?;
+    let written = file
+        .write_all(content.as_bytes())
+        .and_then(|()| file.sync_all())
+        .and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
-    #[cfg(not(unix))]
-    let _ = private;
-    let mut f = opts.open(&tmp).map_err(err)?;
-    f.write_all(content.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)
+    written.map_err(err)
+}
+
+/// A new file beside `path`, `.NAME.RANDOM.tmp`, created exclusively with its final mode.
+fn create_temporary(path: &Path, private: bool) -> std::io::Result<(fs::File, PathBuf)> {
+    use rsa::rand_core::{OsRng, RngCore};
+    use std::io::{Error, ErrorKind};
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "not a file path"))?
+        .to_string_lossy()
+        .into_owned();
+    let dir = path.parent().unwrap_or_else(|| Path::new(""));
+    // A name someone else made first is skipped; a few attempts are plenty for random names.
+    for _ in 0..8 {
+        let tmp = dir.join(format!(".{name}.{:016x}.tmp", OsRng.next_u64()));
+        let mut opts = fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(if private { 0o600 } else { 0o644 });
+        }
+        #[cfg(not(unix))]
+        let _ = private;
+        match opts.open(&tmp) {
+            Ok(file) => return Ok((file, tmp)),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::new(
+        ErrorKind::AlreadyExists,
+        "no free temporary file name beside it",
+    ))
 }
 
 /// Writes `ca.crt`, `tls.crt` and `tls.key` into `dir` (created if missing).
@@ -534,6 +567,52 @@ mod tests {
             cert.public_key().algorithm.algorithm.to_id_string(),
             "1.2.840.113549.1.1.1"
         );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn keys_are_written_exclusively_and_private_from_the_start() {
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        let dir =
+            std::env::temp_dir().join(format!("bulwark-certs-exclusive-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("tls.key");
+        // What someone with write access to the directory could leave at a guessable
+        // temporary name: a world-readable file, and a symlink to a file of their choosing.
+        let planted = dir.join("tls.tmp");
+        fs::write(&planted, "planted").unwrap();
+        fs::set_permissions(&planted, fs::Permissions::from_mode(0o666)).unwrap();
+        let cert = dir.join("ca.crt");
+        let elsewhere = dir.join("elsewhere");
+        symlink(&elsewhere, dir.join("ca.tmp")).unwrap();
+
+        write_pem(&key, "KEY", true).unwrap();
+        write_pem(&cert, "CERT", false).unwrap();
+        assert_eq!(fs::read_to_string(&key).unwrap(), "KEY");
+        let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(mode(&cert), 0o644);
+        assert!(
+            fs::symlink_metadata(&cert).unwrap().is_file(),
+            "not a symlink"
+        );
+        assert_eq!(
+            fs::read_to_string(&planted).unwrap(),
+            "planted",
+            "left alone"
+        );
+        assert!(!elsewhere.exists(), "nothing written through the symlink");
+        // Overwriting keeps the mode, and no temporary file is left behind.
+        write_pem(&key, "KEY2", true).unwrap();
+        assert_eq!(mode(&key), 0o600);
+        let mut names: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["ca.crt", "ca.tmp", "tls.key", "tls.tmp"]);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -21,6 +21,7 @@ use k8s_openapi::{
 pub const BULWARK_NAMESPACE: &str = "bulwark-system";
 pub const WEBHOOK_SERVICE_ACCOUNT: &str = "bulwark-webhook";
 pub const NODE_CONTROLLER_SERVICE_ACCOUNT: &str = "bulwark-node-controller";
+pub const CABUNDLE_SERVICE_ACCOUNT: &str = "bulwark-cabundle";
 /// Registered webhook names: what kubectl shows in "admission webhook ... denied the request".
 pub const MUTATE_WEBHOOK: &str = "mutate.bulwark.io";
 pub const VALIDATE_WEBHOOK: &str = "validate.bulwark.io";
@@ -137,7 +138,7 @@ fn client_config(url: String) -> WebhookClientConfig {
 /// The two registrations for a webhook served at `base_url` (e.g. `https://127.0.0.1:8443`),
 /// with the settings docs/architecture.md asks for ("Registration"): pods CREATE only,
 /// `NoneOnDryRun`, a short timeout, exempt namespaces excluded. The e2e cluster fails closed so
-/// a broken webhook shows. No caBundle: the webhook's self-managed certificates fill it in.
+/// a broken webhook shows. No caBundle: `bulwark cabundle` sets it from the webhook's Secret.
 pub fn webhook_configurations(
     base_url: &str,
 ) -> (MutatingWebhookConfiguration, ValidatingWebhookConfiguration) {

@@ -14,7 +14,10 @@ use anyhow::Context;
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use bulwark_certs::{Ca, Pair, write_pem};
 
-use crate::objects::{BULWARK_NAMESPACE, NODE_CONTROLLER_SERVICE_ACCOUNT, WEBHOOK_SERVICE_ACCOUNT};
+use crate::objects::{
+    BULWARK_NAMESPACE, CABUNDLE_SERVICE_ACCOUNT, NODE_CONTROLLER_SERVICE_ACCOUNT,
+    WEBHOOK_SERVICE_ACCOUNT,
+};
 
 /// The cluster IP of the `kubernetes` Service: first address of the service range.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
@@ -66,16 +69,18 @@ pub enum Identity {
     Kwok,
     Webhook,
     NodeController,
+    Cabundle,
 }
 
 impl Identity {
-    pub const ALL: [Identity; 6] = [
+    pub const ALL: [Identity; 7] = [
         Identity::Admin,
         Identity::ControllerManager,
         Identity::Scheduler,
         Identity::Kwok,
         Identity::Webhook,
         Identity::NodeController,
+        Identity::Cabundle,
     ];
 
     pub fn file_stem(self) -> &'static str {
@@ -86,6 +91,7 @@ impl Identity {
             Identity::Kwok => "kwok",
             Identity::Webhook => "webhook",
             Identity::NodeController => "node-controller",
+            Identity::Cabundle => "cabundle",
         }
     }
 
@@ -98,7 +104,9 @@ impl Identity {
             Identity::Kwok => ("kwok", &["system:masters"]),
             // bulwark's components authenticate as the admin and impersonate their
             // ServiceAccounts, so they hold exactly the rights deploy/base/rbac.yaml grants.
-            Identity::Webhook | Identity::NodeController => ("e2e-admin", &["system:masters"]),
+            Identity::Webhook | Identity::NodeController | Identity::Cabundle => {
+                ("e2e-admin", &["system:masters"])
+            }
         }
     }
 
@@ -107,6 +115,7 @@ impl Identity {
         let sa = match self {
             Identity::Webhook => WEBHOOK_SERVICE_ACCOUNT,
             Identity::NodeController => NODE_CONTROLLER_SERVICE_ACCOUNT,
+            Identity::Cabundle => CABUNDLE_SERVICE_ACCOUNT,
             _ => return None,
         };
         Some(format!("system:serviceaccount:{BULWARK_NAMESPACE}:{sa}"))

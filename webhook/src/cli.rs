@@ -13,7 +13,11 @@ use bulwark::{
     config::Config,
     nodes::controller::NodeControllerOptions,
     serve::{
-        managed::{Wanted, sync},
+        managed::{
+            Wanted,
+            cabundle::{self, CaBundleOptions},
+            sync,
+        },
         tls::ClientCa,
     },
     webhook::{Certificates, Webhook, WebhookOptions},
@@ -52,6 +56,9 @@ pub enum Command {
     /// Show each namespace's limits, where they came from, how close it is to them and what
     /// bulwark refused it lately (also `kubectl bulwark status`).
     Status(StatusArgs),
+    /// Keep the webhook configurations' caBundle equal to the self-managed certificate
+    /// Secret's ca.crt (its own process and ServiceAccount: the webhook may not write them).
+    Cabundle(CabundleArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -86,6 +93,22 @@ pub struct StatusArgs {
     /// Where bulwark is installed: its ConfigMap bulwark-config holds the defaults.
     #[arg(long, default_value = "bulwark-system")]
     bulwark_namespace: String,
+}
+
+#[derive(Parser)]
+pub struct CabundleArgs {
+    /// Namespace of the certificate Secret (default: $POD_NAMESPACE, else bulwark-system).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// The certificate Secret (the webhook's --cert-secret).
+    #[arg(long, default_value = "bulwark-webhook-tls")]
+    secret: String,
+    /// The Mutating- and ValidatingWebhookConfiguration whose caBundle is kept current.
+    #[arg(long, default_value = "bulwark")]
+    webhook_configuration: String,
+    /// kubeconfig to reach the API server; default: in-cluster config, then $KUBECONFIG.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -174,21 +197,24 @@ pub struct ManagedCertArgs {
     /// IP addresses for the certificate (repeatable), e.g. for a URL clientConfig.
     #[arg(long = "cert-ip")]
     cert_ip: Vec<IpAddr>,
-    /// The Mutating- and ValidatingWebhookConfiguration whose caBundle is kept current.
+    /// The Mutating- and ValidatingWebhookConfiguration whose caBundle must hold a new CA
+    /// before a certificate it signed is served (`bulwark cabundle` sets it).
     #[arg(long, default_value = "bulwark")]
     webhook_configuration: String,
-    /// Serving certificate validity; renewed with a third left.
+    /// Serving certificate validity; renewed with a third left. Each one has a CA of its own,
+    /// valid a day longer, whose key is not kept.
     #[arg(long, default_value_t = 365)]
     cert_days: u32,
-    /// CA validity; a new CA is trusted (caBundle) before it signs what is served.
-    #[arg(long, default_value_t = 3650)]
-    ca_days: u32,
     /// Key of new CAs and certificates: ecdsa-p256, rsa-2048, rsa-3072 or rsa-4096.
     #[arg(long, default_value = "ecdsa-p256")]
     cert_key_algorithm: bulwark_certs::KeyAlgorithm,
-    /// How long a new CA sits in the caBundle before a certificate it signed is served.
+    /// How long a new CA is in every caBundle before a certificate it signed is served.
     #[arg(long, default_value_t = 60)]
     ca_propagation_seconds: u64,
+    /// Older CAs stay in the caBundle at least this long after a new certificate is first
+    /// served, and then until every ready endpoint of --service serves it.
+    #[arg(long, default_value_t = 600)]
+    ca_retire_seconds: u64,
 }
 
 #[derive(Parser)]
@@ -232,8 +258,8 @@ pub enum CertsAction {
         /// kubeconfig; default: in-cluster config, then $KUBECONFIG.
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
-        /// Replace the CA too: it joins the caBundle first, and what it signs is served after
-        /// the webhook's --ca-propagation-seconds.
+        /// Ask for a new CA too. Every renewal makes one now (joining the caBundle first,
+        /// served after the webhook's --ca-propagation-seconds), so this asks for the same.
         #[arg(long)]
         ca: bool,
     },
@@ -263,6 +289,7 @@ impl Command {
             Command::NodeController(args) => node_controller(args).await,
             Command::Certs(args) => certs(args).await,
             Command::Status(args) => status(args).await,
+            Command::Cabundle(args) => cabundle(args).await,
         }
     }
 }
@@ -293,6 +320,19 @@ async fn node_controller(args: NodeControllerArgs) -> anyhow::Result<()> {
     };
     bulwark::nodes::controller::run(client, opts, Some(args.metrics_listen), shutdown_signal())
         .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn cabundle(args: CabundleArgs) -> anyhow::Result<()> {
+    let client = kube_client(args.kubeconfig, true).await?;
+    let opts = CaBundleOptions {
+        namespace: own_namespace(args.namespace),
+        secret: args.secret,
+        webhook_configuration: args.webhook_configuration,
+    };
+    tracing::info!(secret = %format!("{}/{}", opts.namespace, opts.secret), configuration = %opts.webhook_configuration, "keeping the caBundle current");
+    cabundle::run(client, opts, shutdown_signal()).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -464,12 +504,10 @@ pub fn parse() -> Cli {
 
 impl ManagedCertArgs {
     fn options(self, secret: String) -> anyhow::Result<sync::ManagedOptions> {
-        // A serving certificate must not outlive the CA that signed it.
         anyhow::ensure!(
-            self.cert_days <= self.ca_days,
-            "--cert-days ({}) must not exceed --ca-days ({})",
-            self.cert_days,
-            self.ca_days
+            (1..=3650).contains(&self.cert_days),
+            "--cert-days must be from 1 to 3650, got {}",
+            self.cert_days
         );
         let namespace = own_namespace(self.cert_namespace);
         let mut dns_names = bulwark_certs::service_dns_names(&self.service, &namespace);
@@ -478,13 +516,14 @@ impl ManagedCertArgs {
             wanted: Wanted {
                 dns_names,
                 ips: self.cert_ip,
-                ca_days: self.ca_days,
                 cert_days: self.cert_days,
                 key: self.cert_key_algorithm,
                 ca_propagation: Duration::from_secs(self.ca_propagation_seconds),
+                ca_retire_after: Duration::from_secs(self.ca_retire_seconds),
             },
             namespace,
             secret,
+            service: self.service,
             webhook_configuration: self.webhook_configuration,
         })
     }

@@ -61,17 +61,19 @@ pub enum Component {
     Scheduler,
     Kwok,
     Webhook,
+    Cabundle,
     NodeController,
 }
 
 impl Component {
-    pub const ALL: [Component; 7] = [
+    pub const ALL: [Component; 8] = [
         Component::Etcd,
         Component::Apiserver,
         Component::ControllerManager,
         Component::Scheduler,
         Component::Kwok,
         Component::Webhook,
+        Component::Cabundle,
         Component::NodeController,
     ];
 
@@ -84,6 +86,7 @@ impl Component {
             Component::Scheduler => "kube-scheduler",
             Component::Kwok => "kwok",
             Component::Webhook => "bulwark-webhook",
+            Component::Cabundle => "bulwark-cabundle",
             Component::NodeController => "bulwark-node-controller",
         }
     }
@@ -232,6 +235,14 @@ impl State {
                 "--lease-namespace=bulwark-system".into(),
                 "--identity=e2e-primary".into(),
             ],
+            // The caBundle's only writer, as deploy/base runs it.
+            Component::Cabundle => vec![
+                "cabundle".into(),
+                format!("--namespace={}", objects::BULWARK_NAMESPACE),
+                format!("--secret={WEBHOOK_SECRET}"),
+                format!("--webhook-configuration={}", objects::WEBHOOK_CONFIGURATION),
+                format!("--kubeconfig={}", kubeconfig(Identity::Cabundle)),
+            ],
             Component::Webhook => vec![
                 "webhook".into(),
                 format!("--listen=127.0.0.1:{}", ports.webhook),
@@ -242,8 +253,10 @@ impl State {
                 format!("--cert-namespace={}", objects::BULWARK_NAMESPACE),
                 "--cert-ip=127.0.0.1".into(),
                 format!("--webhook-configuration={}", objects::WEBHOOK_CONFIGURATION),
-                // A new CA is served 3 s after it is trusted (60 s in a real cluster).
+                // A new CA is served 3 s after it is trusted (60 s in a real cluster), and
+                // older CAs go 3 s after that at the earliest (600 s).
                 "--ca-propagation-seconds=3".into(),
+                "--ca-retire-seconds=3".into(),
                 // The rate is shared among the ready endpoints of this Service (a test makes some).
                 "--peers-service=bulwark-webhook".into(),
                 // Reviews only from kube-apiserver's client certificate.
@@ -257,7 +270,9 @@ impl State {
 
     pub(super) fn program(&self, component: Component) -> PathBuf {
         match component {
-            Component::Webhook | Component::NodeController => self.bulwark.clone(),
+            Component::Webhook | Component::Cabundle | Component::NodeController => {
+                self.bulwark.clone()
+            }
             other => self.bin_dir.join(other.name()),
         }
     }

@@ -145,16 +145,18 @@ impl Cluster {
         })
         .await?;
 
-        // Registered first, without a caBundle: the webhook fills it in.
+        // Registered first, without a caBundle: bulwark cabundle fills it in from the Secret
+        // the webhook creates.
         step("registering the webhooks");
         register_webhooks(&client, &self.state.webhook_url()).await?;
 
-        step("starting bulwark webhook");
+        step("starting bulwark webhook and bulwark cabundle");
         self.spawn(Component::Webhook)?;
+        self.spawn(Component::Cabundle)?;
         let c = client.clone();
         let ca = self
             .wait(
-                "the caBundle from the webhook",
+                "the caBundle from bulwark cabundle",
                 Duration::from_secs(60),
                 || {
                     let api: Api<

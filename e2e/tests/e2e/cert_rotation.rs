@@ -1,5 +1,6 @@
-//! Rotations of the webhook's self-managed certificates (the serving certificate, then the
-//! CA in two steps) on two replicas under steady load, with no admission failing.
+//! Rotations of the webhook's self-managed certificates on two replicas under steady load, with
+//! no admission failing: each renewal has a new CA, trusted before it is served and the old
+//! one retired after.
 
 use std::time::{Duration, Instant};
 
@@ -49,8 +50,9 @@ pub async fn self_managed_certificates_rotate_without_failed_admissions(
     result
 }
 
-/// The e2e webhook's --ca-propagation-seconds.
+/// The e2e webhook's --ca-propagation-seconds and --ca-retire-seconds.
 const CA_PROPAGATION: u64 = 3;
+const CA_RETIRE: u64 = 3;
 
 fn rotate(ctx: &Ctx, ca: bool) -> anyhow::Result<()> {
     let mut cmd = std::process::Command::new(&ctx.state().bulwark);
@@ -102,51 +104,28 @@ async fn all_serve(
     Ok(())
 }
 
-/// A serving-certificate rotation, then a CA rotation; how long each took to be served.
-async fn rotations(
+/// One rotation (`bulwark certs rotate`, with `--ca` or not: every renewal makes a new CA now)
+/// from `before`: the new CA trusted first, its certificate served by every replica next, the
+/// old CA retired last. Returns the Secret then and how long until both replicas served it.
+async fn rotation(
     ctx: &Ctx,
-    first: &Stored,
+    before: &Stored,
     ports: &[u16],
-) -> anyhow::Result<(Duration, Duration)> {
+    ca: bool,
+) -> anyhow::Result<(Stored, Duration)> {
     let asked = Instant::now();
-    rotate(ctx, false)?;
-    let rotated = eventually(
-        Duration::from_secs(20),
-        "a new certificate in the Secret",
-        || async {
-            let now = stored(ctx).await?;
-            Ok((now.cert != first.cert).then_some(now))
-        },
-    )
-    .await?;
-    ensure!(
-        rotated.ca == first.ca,
-        "the CA changed with a serving-certificate rotation"
-    );
-    all_serve(
-        ports,
-        &rotated.ca,
-        &rotated.cert,
-        Duration::from_secs(20),
-        "both replicas serving the new certificate",
-    )
-    .await?;
-    let serving = asked.elapsed();
-
-    // A new CA: trusted first (two CAs in the Secret and the caBundles), served only later.
-    let asked = Instant::now();
-    rotate(ctx, true)?;
+    rotate(ctx, ca)?;
     let staged = eventually(Duration::from_secs(20), "the new CA staged", || async {
         let now = stored(ctx).await?;
-        Ok((now.ca.matches("BEGIN CERTIFICATE").count() == 2).then_some(now))
+        Ok((now.ca.matches("BEGIN CERTIFICATE").count() == 2 && now.next.is_some()).then_some(now))
     })
     .await?;
     ensure!(
-        staged.cert == rotated.cert,
+        staged.cert == before.cert,
         "served from the new CA before it was trusted"
     );
     ensure!(
-        staged.ca.ends_with(&rotated.ca),
+        staged.ca.ends_with(&before.ca),
         "the old CA left the bundle"
     );
     eventually(
@@ -170,16 +149,54 @@ async fn rotations(
         },
     )
     .await?;
-    let new_ca = &staged.ca[..staged.ca.len() - rotated.ca.len()];
+    ensure!(
+        staged.next.as_deref() == Some(done.cert.as_str()),
+        "served something other than what was staged"
+    );
+    let new_ca = staged.ca[..staged.ca.len() - before.ca.len()].to_owned();
     all_serve(
         ports,
-        new_ca,
+        &new_ca,
         &done.cert,
         Duration::from_secs(20),
         "both replicas serving a certificate of the new CA",
     )
     .await?;
-    Ok((serving, asked.elapsed()))
+    let served = asked.elapsed();
+    // Every replica serves it: the old CA goes, from the Secret and then from the caBundles.
+    let retired = eventually(
+        Duration::from_secs(CA_RETIRE + 30),
+        "the old CA retired",
+        || async {
+            let now = stored(ctx).await?;
+            Ok((now.ca == new_ca).then_some(now))
+        },
+    )
+    .await?;
+    eventually(
+        Duration::from_secs(10),
+        "both caBundles holding only the new CA",
+        || async {
+            Ok(ca_bundles(ctx)
+                .await?
+                .iter()
+                .all(|b| b.as_deref() == Some(new_ca.as_str()))
+                .then_some(()))
+        },
+    )
+    .await?;
+    Ok((retired, served))
+}
+
+/// A serving-certificate rotation, then a CA rotation; how long each took to be served.
+async fn rotations(
+    ctx: &Ctx,
+    first: &Stored,
+    ports: &[u16],
+) -> anyhow::Result<(Duration, Duration)> {
+    let (after_serving, serving) = rotation(ctx, first, ports, false).await?;
+    let (_, ca) = rotation(ctx, &after_serving, ports, true).await?;
+    Ok((serving, ca))
 }
 
 async fn rotate_under_load(
@@ -210,7 +227,7 @@ async fn rotate_under_load(
     );
     ensure!(ok >= 40, "only {ok} pods created during the rotations");
     println!(
-        "    serving rotation asked -> both replicas serving it: {:.1}s; CA rotation asked -> both serving a certificate of the new CA: {:.1}s (propagation {CA_PROPAGATION}s); {ok} pods created meanwhile, 0 failed",
+        "    rotate -> both replicas serving a certificate of its new CA: {:.1}s; rotate --ca -> the same: {:.1}s (propagation {CA_PROPAGATION}s); {ok} pods created meanwhile, 0 failed",
         serving.as_secs_f64(),
         ca.as_secs_f64()
     );

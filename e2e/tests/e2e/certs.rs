@@ -95,10 +95,11 @@ pub fn first_der(pem: &str) -> anyhow::Result<Vec<u8>> {
         .to_vec())
 }
 
-/// The CA bundle and serving certificate in the webhook's Secret (PEM).
+/// The CA bundle, the serving certificate and the staged one in the webhook's Secret (PEM).
 pub struct Stored {
     pub ca: String,
     pub cert: String,
+    pub next: Option<String>,
 }
 
 pub async fn stored(ctx: &Ctx) -> anyhow::Result<Stored> {
@@ -111,9 +112,14 @@ pub async fn stored(ctx: &Ctx) -> anyhow::Result<Stored> {
             .map(|v| String::from_utf8_lossy(&v.0).into_owned())
             .with_context(|| format!("Secret without {k}"))
     };
+    ensure!(
+        !data.contains_key("ca.key"),
+        "the Secret the serving pods read holds a CA key"
+    );
     Ok(Stored {
         ca: text("ca.crt")?,
         cert: text("tls.crt")?,
+        next: text("next.crt").ok(),
     })
 }
 
@@ -262,7 +268,7 @@ pub async fn a_dropped_ca_bundle_is_restored(ctx: &mut Ctx) -> anyhow::Result<()
         .await?
         .admitted()?;
     println!(
-        "    caBundle removed -> restored by the webhook in {:.2}s",
+        "    caBundle removed -> restored by bulwark cabundle in {:.2}s",
         took.as_secs_f64()
     );
     Ok(())

@@ -1,7 +1,7 @@
 //! What an install is made of: the deploy/ manifests and Helm chart against the real API
 //! server, and least-privilege RBAC.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context, bail, ensure};
 use bulwark_e2e::{
@@ -11,7 +11,7 @@ use bulwark_e2e::{
 };
 use serde_json::{Value, json};
 
-use crate::support::Ctx;
+use crate::support::{Ctx, eventually};
 
 /// One way to install bulwark, rendered to YAML.
 struct Rendering {
@@ -29,6 +29,14 @@ async fn renderings(ctx: &Ctx) -> anyhow::Result<(Vec<Rendering>, Vec<Rendering>
         ("kustomize fail-closed", "overlays/fail-closed"),
         ("kustomize cert-manager", "overlays/cert-manager"),
         ("kustomize monitoring", "overlays/monitoring"),
+        (
+            "kustomize removal-delete-node",
+            "overlays/removal-delete-node",
+        ),
+        (
+            "kustomize removal-cluster-api",
+            "overlays/removal-cluster-api",
+        ),
     ] {
         let dir = deploy.join(dir).display().to_string();
         let out = ctx.kubectl(&["kustomize", &dir], None).await?;
@@ -53,6 +61,14 @@ async fn renderings(ctx: &Ctx) -> anyhow::Result<(Vec<Rendering>, Vec<Rendering>
                 "monitoring.serviceMonitor.enabled=true,monitoring.prometheusRule.enabled=true,\
                  monitoring.grafanaDashboard.enabled=true",
             ),
+        ),
+        (
+            "helm removal=delete-node",
+            Some("nodeController.removal=delete-node"),
+        ),
+        (
+            "helm removal=cluster-api",
+            Some("nodeController.removal=cluster-api"),
         ),
     ] {
         let mut cmd = tokio::process::Command::new(ctx.state().helm());
@@ -176,7 +192,17 @@ pub async fn deploy_manifests_are_accepted_by_the_api_server(ctx: &mut Ctx) -> a
     for r in kustomize.iter().chain(&helm) {
         let objs = objects(r)?;
         let containers = check_workloads(r, &objs)?;
-        ensure!(containers == 2, "{}: {containers} containers", r.name);
+        // The webhook, the node controller and (with self-managed certificates) bulwark-cabundle.
+        let expected = if r.name.contains("cert-manager") || r.name.contains("certManager") {
+            2
+        } else {
+            3
+        };
+        ensure!(
+            containers == expected,
+            "{}: {containers} containers",
+            r.name
+        );
         // Server-side apply with the field manager that applied the e2e cluster's own copies
         // (namespace, RBAC, registrations): what it owned and a rendering leaves out goes,
         // so each rendering is checked as it would stand, not merged into the e2e objects.
@@ -278,10 +304,62 @@ async fn can_i(ctx: &Ctx, who: Identity, args: &[&str]) -> anyhow::Result<bool> 
     }
 }
 
+/// Whether the component may do what `line` says (`kubectl auth can-i` arguments). A
+/// resource of Cluster API's group goes to a SubjectAccessReview instead: `can-i` checks a
+/// resource the cluster does not serve (no Cluster API here) in the core group.
+async fn may(ctx: &Ctx, who: Identity, line: &str) -> anyhow::Result<bool> {
+    let args: Vec<&str> = line.split_whitespace().collect();
+    let Some((resource, group)) = args
+        .get(1)
+        .and_then(|r| r.split_once('.'))
+        .filter(|(_, g)| *g == "cluster.x-k8s.io")
+    else {
+        return can_i(ctx, who, &args).await;
+    };
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    let namespace = args
+        .iter()
+        .position(|a| *a == "-n")
+        .and_then(|i| args.get(i + 1))
+        .map(|n| (*n).to_owned());
+    let user = who
+        .impersonates()
+        .context("not a ServiceAccount identity")?;
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user),
+            groups: Some(vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{BULWARK_NAMESPACE}"),
+                "system:authenticated".into(),
+            ]),
+            resource_attributes: Some(ResourceAttributes {
+                verb: args.first().map(|v| (*v).to_owned()),
+                group: Some(group.to_owned()),
+                resource: Some(resource.to_owned()),
+                namespace,
+                ..ResourceAttributes::default()
+            }),
+            ..SubjectAccessReviewSpec::default()
+        },
+        ..SubjectAccessReview::default()
+    };
+    let answer = kube::Api::<SubjectAccessReview>::all(ctx.client.clone())
+        .create(&Default::default(), &review)
+        .await?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
+}
+
 pub async fn rbac_is_least_privilege(ctx: &mut Ctx) -> anyhow::Result<()> {
     // The components really act as their ServiceAccounts (so every other test that works
     // shows the grants are enough).
-    for who in [Identity::Webhook, Identity::NodeController] {
+    for who in [
+        Identity::Webhook,
+        Identity::NodeController,
+        Identity::Cabundle,
+    ] {
         let kubeconfig = kubeconfig_path(&ctx.state().dir, who).display().to_string();
         let out = ctx
             .kubectl(
@@ -304,13 +382,17 @@ pub async fn rbac_is_least_privilege(ctx: &mut Ctx) -> anyhow::Result<()> {
         );
     }
     let ns = BULWARK_NAMESPACE;
-    use Identity::{NodeController as N, Webhook as W};
+    use Identity::{Cabundle as C, NodeController as N, Webhook as W};
     // (who, `kubectl auth can-i` arguments, allowed); $NS is bulwark's namespace.
     let cases: &[(Identity, &str, bool)] = &[
         (W, "watch pods -A", true),
         (W, "create events.events.k8s.io -n default", true),
         (W, "update secret/bulwark-webhook-tls -n $NS", true),
-        (W, "update validatingwebhookconfigurations/bulwark", true),
+        // The webhook reads its configurations but cannot rewrite them (their rules included).
+        (W, "get validatingwebhookconfigurations/bulwark", true),
+        (W, "update validatingwebhookconfigurations/bulwark", false),
+        (W, "update mutatingwebhookconfigurations/bulwark", false),
+        (W, "patch mutatingwebhookconfigurations/bulwark", false),
         (W, "create pods -n default", false),
         (W, "delete pods -n default", false),
         (W, "get secrets -n $NS", false),
@@ -322,10 +404,25 @@ pub async fn rbac_is_least_privilege(ctx: &mut Ctx) -> anyhow::Result<()> {
         (W, "patch nodes", false),
         (W, "watch endpointslices.discovery.k8s.io -n $NS", true),
         (W, "watch endpointslices.discovery.k8s.io -n default", false),
-        (N, "patch nodes", true),
-        (N, "delete nodes", true),
+        (N, "update nodes", true),
+        (N, "patch nodes", false),
+        // annotate and exec need no more; deleting nodes or annotating Machines comes with the
+        // overlay of that removal mode only (checked below).
+        (N, "delete nodes", false),
+        (N, "patch machines.cluster.x-k8s.io -A", false),
+        (N, "list machines.cluster.x-k8s.io -A", false),
         (N, "watch leases -n kube-node-lease", true),
         (N, "update lease/bulwark-node-controller -n $NS", true),
+        // bulwark-cabundle: the caBundle's only writer, reading only the certificate Secret.
+        (C, "update validatingwebhookconfigurations/bulwark", true),
+        (C, "update mutatingwebhookconfigurations/bulwark", true),
+        (C, "update validatingwebhookconfigurations/other", false),
+        (C, "create validatingwebhookconfigurations", false),
+        (C, "delete mutatingwebhookconfigurations/bulwark", false),
+        (C, "get secret/bulwark-webhook-tls -n $NS", true),
+        (C, "update secret/bulwark-webhook-tls -n $NS", false),
+        (C, "get secrets -n $NS", false),
+        (C, "create pods -n default", false),
         (N, "update lease/other -n $NS", false),
         (N, "update leases -n kube-node-lease", false),
         (N, "get secrets -A", false),
@@ -334,8 +431,7 @@ pub async fn rbac_is_least_privilege(ctx: &mut Ctx) -> anyhow::Result<()> {
     ];
     for (who, line, want) in cases {
         let line = line.replace("$NS", ns);
-        let args: Vec<&str> = line.split_whitespace().collect();
-        let got = can_i(ctx, *who, &args).await?;
+        let got = may(ctx, *who, &line).await?;
         ensure!(got == *want, "{who:?} can {line}: {got}, expected {want}");
     }
     // And a real request outside the role is refused by the API server.
@@ -354,9 +450,74 @@ pub async fn rbac_is_least_privilege(ctx: &mut Ctx) -> anyhow::Result<()> {
         out.stdout,
         out.stderr
     );
-    println!(
-        "    {} permission checks as the ServiceAccounts",
-        cases.len()
-    );
+    let mut checks = cases.len();
+    // Each removal mode's overlay adds exactly the grant that mode needs.
+    use RemovalMode::{ClusterApi, DeleteNode};
+    let per_mode: &[(RemovalMode, &str, bool)] = &[
+        (DeleteNode, "delete nodes", true),
+        (DeleteNode, "patch machines.cluster.x-k8s.io -A", false),
+        (DeleteNode, "delete pods -n default", false),
+        (ClusterApi, "list machines.cluster.x-k8s.io -A", true),
+        (
+            ClusterApi,
+            "patch machines.cluster.x-k8s.io -n capi-system",
+            true,
+        ),
+        (ClusterApi, "delete machines.cluster.x-k8s.io -A", false),
+        (ClusterApi, "delete nodes", false),
+    ];
+    for mode in [DeleteNode, ClusterApi] {
+        let grant = RemovalGrant::apply(ctx, mode).await?;
+        let result = async {
+            for (_, line, want) in per_mode.iter().filter(|(m, ..)| *m == mode) {
+                // RBAC's authorizer sees a new binding within moments, not at once.
+                eventually(
+                    Duration::from_secs(10),
+                    &format!("{mode:?}: can {line} = {want}"),
+                    || async { Ok((may(ctx, N, line).await? == *want).then_some(())) },
+                )
+                .await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        grant.remove(ctx).await?;
+        result?;
+    }
+    checks += per_mode.len();
+    println!("    {checks} permission checks as the ServiceAccounts");
     Ok(())
+}
+
+/// A removal mode whose overlay grants the node controller more than deploy/base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemovalMode {
+    DeleteNode,
+    ClusterApi,
+}
+
+/// The extra RBAC of a removal mode's overlay, applied as an install of that overlay has it.
+pub struct RemovalGrant(String);
+
+impl RemovalGrant {
+    pub async fn apply(ctx: &Ctx, mode: RemovalMode) -> anyhow::Result<RemovalGrant> {
+        let dir = match mode {
+            RemovalMode::DeleteNode => "overlays/removal-delete-node",
+            RemovalMode::ClusterApi => "overlays/removal-cluster-api",
+        };
+        let file = deploy_dir()
+            .join(dir)
+            .join("rbac.yaml")
+            .display()
+            .to_string();
+        let out = ctx.kubectl(&["apply", "-f", &file], None).await?;
+        ensure!(out.success, "applying {file}: {}", out.stderr);
+        Ok(RemovalGrant(file))
+    }
+
+    pub async fn remove(self, ctx: &Ctx) -> anyhow::Result<()> {
+        let out = ctx.kubectl(&["delete", "-f", &self.0], None).await?;
+        ensure!(out.success, "deleting {}: {}", self.0, out.stderr);
+        Ok(())
+    }
 }

@@ -53,7 +53,7 @@ use faults::{
 use futures::FutureExt;
 use node_controllers::{
     delete_node_removal_deletes_the_node, dry_run_changes_nothing, exec_removal_runs_the_command,
-    leadership_fails_over,
+    leadership_fails_over, removals_stay_spaced_across_a_leader_change,
 };
 use nodes::{
     many_unhealthy_nodes_hold_remediation, stale_lease_taints_the_node,
@@ -119,6 +119,7 @@ fn tests() -> Vec<(&'static str, TestFn)> {
         exec_removal_runs_the_command,
         delete_node_removal_deletes_the_node,
         leadership_fails_over,
+        removals_stay_spaced_across_a_leader_change,
         // Last: it restarts kube-apiserver under everyone.
         watches_resume_after_apiserver_restart,
     ]

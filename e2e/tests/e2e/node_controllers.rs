@@ -2,7 +2,7 @@
 //! dry run, exec removal, delete-node removal), and a standby taking over the Lease when the
 //! leader is killed.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::ensure;
 use bulwark_e2e::cluster::{Component, NODE_CONTROLLER_LEASE, lease_holder};
@@ -10,8 +10,10 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 
 use crate::{
+    deploy::{RemovalGrant, RemovalMode},
     nodes::{
-        UNHEALTHY_TAINT, break_node, events, marked, nodes, taint_added, until_tainted, with_broken,
+        REMOVAL_TAINT, UNHEALTHY_TAINT, break_node, events, heal_node, marked, nodes, taint_added,
+        until_restored, until_tainted, with_broken,
     },
     support::{Ctx, eventually},
 };
@@ -94,10 +96,13 @@ pub async fn exec_removal_runs_the_command(ctx: &mut Ctx) -> anyhow::Result<()> 
 }
 
 pub async fn delete_node_removal_deletes_the_node(ctx: &mut Ctx) -> anyhow::Result<()> {
+    // deploy/base does not let the node controller delete Nodes; the delete-node overlay does.
+    let grant = RemovalGrant::apply(ctx, RemovalMode::DeleteNode).await?;
     let config = config_with(ctx, "delete.yaml", "  removal: delete-node\n")?;
     swap_in(ctx, "node-controller-delete", "e2e-delete", &[&config]).await?;
     let result = delete_body(ctx).await;
     swap_back(ctx, "node-controller-delete").await?;
+    grant.remove(ctx).await?;
     result
 }
 
@@ -217,6 +222,93 @@ async fn failover_body(ctx: &mut Ctx) -> anyhow::Result<()> {
     with_broken(ctx, &[(node, Some("KernelDeadlock"))], || async {
         break_node(ctx, node, Some("KernelDeadlock")).await?;
         until_tainted(ctx, node, Duration::from_secs(15)).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// The e2e config with `removalInterval` set to `interval` (it is 1 s there).
+fn config_with_interval(ctx: &Ctx, file: &str, interval: &str) -> anyhow::Result<String> {
+    let base = bulwark_e2e::cluster::BULWARK_CONFIG;
+    let line = "  removalInterval: 1s\n";
+    ensure!(
+        base.contains(line),
+        "the e2e config has no `{}`",
+        line.trim()
+    );
+    let path = ctx.state().dir.join(file);
+    std::fs::write(
+        &path,
+        base.replace(line, &format!("  removalInterval: {interval}\n")),
+    )?;
+    Ok(format!("--config={}", path.display()))
+}
+
+/// When bulwark's removal taint was added to `node`, once it is.
+async fn until_marked(ctx: &Ctx, node: &str, limit: Duration) -> anyhow::Result<SystemTime> {
+    let api = nodes(ctx);
+    eventually(limit, &format!("{node} marked for removal"), || {
+        let api = api.clone();
+        async move {
+            let n = api.get(node).await?;
+            Ok(taint_added(&n, REMOVAL_TAINT).and_then(|(_, added)| added))
+        }
+    })
+    .await
+}
+
+const SPACED_INTERVAL: Duration = Duration::from_secs(40);
+
+pub async fn removals_stay_spaced_across_a_leader_change(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let config = config_with_interval(ctx, "spaced.yaml", "40s")?;
+    ctx.cluster
+        .stop_named(Component::NodeController.name(), false);
+    ctx.cluster
+        .spawn_node_controller("node-controller-spaced-a", "e2e-spaced-a", &[&config])?;
+    let result = match until_leader(ctx, "e2e-spaced-a", Duration::from_secs(30)).await {
+        Ok(_) => spaced_body(ctx, &config).await,
+        Err(e) => Err(e),
+    };
+    for name in ["node-controller-spaced-a", "node-controller-spaced-b"] {
+        ctx.cluster.stop_named(name, false);
+    }
+    ctx.cluster.start_component(Component::NodeController)?;
+    until_leader(ctx, "e2e-primary", Duration::from_secs(30)).await?;
+    result
+}
+
+async fn spaced_body(ctx: &mut Ctx, config: &str) -> anyhow::Result<()> {
+    let (first, second) = ("kwok-node-4", "kwok-node-3");
+    // The leader removes one node...
+    break_node(ctx, first, Some("KernelDeadlock")).await?;
+    let removed = until_marked(ctx, first, Duration::from_secs(20)).await;
+    // ...which recovers, so no node carries the removal any more: only the Lease does.
+    heal_node(ctx, first, Some("KernelDeadlock")).await?;
+    until_restored(ctx, first).await?;
+    let removed = removed?;
+    // A standby, then the leader crashes (no chance to hand anything over).
+    ctx.cluster
+        .spawn_node_controller("node-controller-spaced-b", "e2e-spaced-b", &[config])?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ctx.cluster.stop_named("node-controller-spaced-a", true);
+    let ctx = &*ctx;
+    with_broken(ctx, &[(second, Some("KernelDeadlock"))], || async {
+        break_node(ctx, second, Some("KernelDeadlock")).await?;
+        let took = until_leader(ctx, "e2e-spaced-b", Duration::from_secs(30)).await?;
+        // Tainted by the new leader after the grace, due for removal 5 s later: without the
+        // handed-on record it would be removed some 25 s after the first removal.
+        let next = until_marked(ctx, second, SPACED_INTERVAL + Duration::from_secs(20)).await?;
+        let apart = next.duration_since(removed).unwrap_or_default();
+        println!(
+            "    new leader after {:.1}s; removals {:.1}s apart (removalInterval {}s)",
+            took.as_secs_f64(),
+            apart.as_secs_f64(),
+            SPACED_INTERVAL.as_secs()
+        );
+        ensure!(
+            apart + Duration::from_secs(1) >= SPACED_INTERVAL,
+            "the new leader removed {second} {apart:?} after {first}"
+        );
         Ok(())
     })
     .await

@@ -22,6 +22,8 @@ use crate::support::{Ctx, eventually};
 
 pub const UNHEALTHY_TAINT: &str = "bulwark.io/unhealthy";
 const MARKED: &str = "bulwark.io/marked-for-removal";
+/// bulwark's removal taint: its `timeAdded` is when the node was marked.
+pub const REMOVAL_TAINT: &str = "bulwark.io/marked-for-removal";
 const KWOK_ANNOTATION: &str = "kwok.x-k8s.io/node";
 /// From the e2e cluster's config: grace 2s, removeAfter 5s, recoverAfter 3s,
 /// leaseStaleAfter 6s, stormCooldown 5s.
@@ -68,7 +70,7 @@ pub async fn break_node(
 }
 
 /// Clears the condition and gives the node back to kwok, which renews its lease again.
-async fn heal_node(ctx: &Ctx, name: &str, condition: Option<&str>) -> anyhow::Result<()> {
+pub async fn heal_node(ctx: &Ctx, name: &str, condition: Option<&str>) -> anyhow::Result<()> {
     let api = nodes(ctx);
     if let Some(kind) = condition {
         let status = json!({"status": {"conditions": [{
@@ -86,7 +88,7 @@ async fn heal_node(ctx: &Ctx, name: &str, condition: Option<&str>) -> anyhow::Re
 
 /// Waits until bulwark has lifted its taint and mark (recoverAfter 3 s after the node is
 /// healthy again).
-async fn until_restored(ctx: &Ctx, name: &str) -> anyhow::Result<()> {
+pub async fn until_restored(ctx: &Ctx, name: &str) -> anyhow::Result<()> {
     let api = nodes(ctx);
     eventually(
         Duration::from_secs(30),

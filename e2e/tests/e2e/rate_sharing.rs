@@ -13,6 +13,13 @@ use crate::support::{Ctx, eventually, pod};
 pub async fn replicas_share_the_namespace_rate(ctx: &mut Ctx) -> anyhow::Result<()> {
     let replicas = |ctx: &Ctx| ctx.metric("bulwark_rate_share_replicas", &[]);
     ensure!(replicas(ctx)? == 1.0, "shared before any replica was seen");
+    // The webhook asks its Service's endpoints what they serve only while older CAs wait to be
+    // retired; the made-up endpoints below must never be connected to, so none may wait.
+    let cas = crate::certs::stored(ctx).await?.ca;
+    ensure!(
+        cas.matches("BEGIN CERTIFICATE").count() == 1,
+        "older CAs still wait to be retired: the webhook would probe the made-up endpoints"
+    );
     // Two ready replicas behind the webhook's Service, as the EndpointSlice controller would
     // publish them (the e2e webhook itself is reached by URL).
     let service: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({

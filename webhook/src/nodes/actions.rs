@@ -10,12 +10,14 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client,
-    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
+    api::{
+        ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
+    },
 };
 
 use super::{
-    CAPI_DELETE_MACHINE, CAPI_MACHINE, CAPI_NAMESPACE, MARKED_ANNOTATION, NodeView, REMOVAL_TAINT,
-    Removal, UNHEALTHY_TAINT, plan::Action,
+    CAPI_DELETE_MACHINE, MARKED_ANNOTATION, NodeView, REMOVAL_TAINT, Removal, UNHEALTHY_TAINT,
+    plan::Action,
 };
 use crate::backoff::Jittered;
 
@@ -256,7 +258,9 @@ impl Executor {
         }
     }
 
-    /// The node's Machine, if Cluster API manages it and a controller owns the Machine.
+    /// The node's Machine, if Cluster API manages it and a controller owns the Machine. Found
+    /// by the node's `spec.providerID` among all Machines, never by the node's annotations:
+    /// a kubelet may write any annotation on its Node, but not change a providerID once set.
     async fn machine_of(
         &self,
         name: &str,
@@ -264,27 +268,27 @@ impl Executor {
         let Some(node) = self.nodes.get_opt(name).await? else {
             return Ok(Err("the node is gone".into()));
         };
-        let annotations = node.metadata.annotations.unwrap_or_default();
-        let (Some(machine), Some(ns)) = (
-            annotations.get(CAPI_MACHINE),
-            annotations.get(CAPI_NAMESPACE),
-        ) else {
-            return Ok(Err(format!(
-                "no {CAPI_MACHINE} annotation: Cluster API does not manage this node"
-            )));
+        let provider_id = node
+            .spec
+            .and_then(|s| s.provider_id)
+            .filter(|p| !p.is_empty());
+        let Some(provider_id) = provider_id else {
+            return Ok(Err(
+                "the node has no providerID, so no Cluster API Machine can be told apart".into(),
+            ));
         };
-        let gvk = GroupVersionKind::gvk("cluster.x-k8s.io", "v1beta1", "Machine");
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), ns, &ApiResource::from_gvk(&gvk));
-        let Some(m) = api.get_opt(machine).await? else {
-            return Ok(Err(format!("Machine {ns}/{machine} not found")));
+        let resource =
+            ApiResource::from_gvk(&GroupVersionKind::gvk(CAPI_GROUP, CAPI_VERSION, "Machine"));
+        let all: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
+        let machines = all.list(&ListParams::default()).await?.items;
+        let machine = match machine_for(name, &provider_id, &machines) {
+            Ok(m) => m,
+            Err(why) => return Ok(Err(why)),
         };
-        if m.metadata.owner_references.unwrap_or_default().is_empty() {
-            return Ok(Err(format!(
-                "Machine {ns}/{machine} has no owner, so nothing would replace it"
-            )));
-        }
-        Ok(Ok((api, machine.clone())))
+        let ns = machine.metadata.namespace.clone().unwrap_or_default();
+        let machine_name = machine.metadata.name.clone().unwrap_or_default();
+        let api = Api::namespaced_with(self.client.clone(), &ns, &resource);
+        Ok(Ok((api, machine_name)))
     }
 
     async fn exec(
@@ -323,6 +327,72 @@ impl Executor {
             Err(fail(format!("{}: {}", out.status, stderr.trim())))
         }
     }
+}
+
+/// Cluster API's Machines, as `cluster.x-k8s.io/v1beta1` serves them.
+const CAPI_GROUP: &str = "cluster.x-k8s.io";
+const CAPI_VERSION: &str = "v1beta1";
+
+/// Pure: the one Machine among `machines` whose `spec.providerID` is `provider_id`, if a
+/// controller owns it (something will replace it) and its `status.nodeRef` (written by Cluster
+/// API, not the node) names no other node; otherwise why not.
+pub fn machine_for<'a>(
+    node: &str,
+    provider_id: &str,
+    machines: &'a [DynamicObject],
+) -> Result<&'a DynamicObject, String> {
+    let field = |m: &DynamicObject, pointer: &str| {
+        m.data
+            .pointer(pointer)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+    };
+    let shown = |m: &DynamicObject| {
+        format!(
+            "{}/{}",
+            m.metadata.namespace.as_deref().unwrap_or_default(),
+            m.metadata.name.as_deref().unwrap_or_default()
+        )
+    };
+    let matching: Vec<&DynamicObject> = machines
+        .iter()
+        .filter(|m| field(m, "/spec/providerID").as_deref() == Some(provider_id))
+        .collect();
+    let machine = match matching.as_slice() {
+        [] => {
+            return Err(format!(
+                "no Cluster API Machine has providerID {provider_id}"
+            ));
+        }
+        [one] => *one,
+        more => {
+            let names: Vec<String> = more.iter().map(|m| shown(m)).collect();
+            return Err(format!(
+                "{} Machines have providerID {provider_id} ({}): not guessing which",
+                more.len(),
+                names.join(", ")
+            ));
+        }
+    };
+    if let Some(other) = field(machine, "/status/nodeRef/name").filter(|n| n != node) {
+        return Err(format!(
+            "Machine {} belongs to node {other}, not to this node",
+            shown(machine)
+        ));
+    }
+    let owned = machine
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true));
+    if !owned {
+        return Err(format!(
+            "Machine {} has no controller owner, so nothing would replace it",
+            shown(machine)
+        ));
+    }
+    Ok(machine)
 }
 
 #[cfg(test)]

@@ -182,6 +182,7 @@ pub async fn run(
         metrics: &metrics,
         recorder: &recorder,
         executor: &executor,
+        elector: &elector,
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -191,12 +192,21 @@ pub async fn run(
             () = &mut shutdown => break,
         }
         let is_leader = leader.load(Ordering::SeqCst);
-        if !is_leader {
-            // A new term starts from what the nodes say, not from stale memory.
-            mem = Memory::default();
+        if is_leader {
+            // `leader` is set only after the round that took the Lease read its record, so
+            // the first plan of a term already spaces and cools down from its predecessor's.
+            mem.safety = mem.safety.merge(elector.safety());
+        } else {
+            // A new term starts from what the nodes and the Lease say, not from stale
+            // recovery waits.
+            mem.new_term();
         }
         ctx.round(&nodes, &leases, is_leader, &mut mem, &mut said)
             .await;
+        if is_leader && !opts.dry_run {
+            // Written with the next renewal (every few seconds), a hold included.
+            elector.note(mem.safety);
+        }
     }
     election.abort();
     elector.release().await;
@@ -209,6 +219,7 @@ struct Tick<'a> {
     metrics: &'a NodeMetrics,
     recorder: &'a Recorder,
     executor: &'a Executor,
+    elector: &'a Elector,
 }
 
 impl Tick<'_> {
@@ -248,6 +259,7 @@ impl Tick<'_> {
         if !leader {
             return;
         }
+        let removed_before = mem.safety.last_removal;
         let p = plan(&self.settings.timing, &views, mem, now);
         self.report_phases(&p);
         let healthy: HashSet<&str> = p
@@ -280,10 +292,47 @@ impl Tick<'_> {
         }
         for action in &p.actions {
             let name = action.node();
-            if let (Some(node), Some(v)) = (find(name), views.iter().find(|v| v.name == name)) {
-                self.act(action, node, v, now, said).await;
+            let (Some(node), Some(v)) = (find(name), views.iter().find(|v| v.name == name)) else {
+                continue;
+            };
+            if matches!(action, Action::Remove { .. })
+                && !self.dry_run
+                && !self.recorded(node, now, said).await
+            {
+                // Not carried out, so it spaces nothing: the node is tried again later.
+                mem.safety.last_removal = removed_before;
+                continue;
             }
+            self.act(action, node, v, now, said).await;
         }
+    }
+
+    /// Records a removal on the leader Lease before it is carried out, so that no later
+    /// leader removes another node sooner than `removalInterval` after it. `false` (and
+    /// reported) when the record could not be written.
+    async fn recorded(&self, node: &Node, now: SystemTime, said: &mut Said) -> bool {
+        let name = node.metadata.name.as_deref().unwrap_or_default();
+        if said
+            .failed
+            .get(name)
+            .is_some_and(|until| Instant::now() < *until)
+        {
+            return false;
+        }
+        let Err(e) = self.elector.record_removal(now).await else {
+            return true;
+        };
+        said.failed
+            .insert(name.to_owned(), Instant::now() + RETRY_FAILED_AFTER);
+        self.metrics
+            .actions
+            .with_label_values(&["remove", "error"])
+            .inc();
+        let note = format!("remove not carried out: recording it on the leader Lease failed: {e}");
+        tracing::warn!(node = name, "{note}");
+        self.event(node, EventType::Warning, "RemediationFailed", note)
+            .await;
+        false
     }
 
     /// Protect-nodes audit: reported once per node and finding.

@@ -36,6 +36,10 @@ pub struct NodeView {
     pub tainted_since: Option<SystemTime>,
     /// bulwark has already acted to remove this node.
     pub marked: bool,
+    /// When bulwark marked it: the `timeAdded` of its removal taint. Read from the taint, not
+    /// from the annotation of the same name: a kubelet may rewrite its Node's annotations, but
+    /// NodeRestriction forbids it to change the Node's taints.
+    pub marked_at: Option<SystemTime>,
     /// `bulwark.io/remediation=off`.
     pub opted_out: bool,
     /// cluster-autoscaler is deleting it; leave it alone.
@@ -149,6 +153,11 @@ pub fn view(node: &Node, lease: Option<&Lease>, cfg: &Signals, now: SystemTime) 
         tainted_since: ours.map(|t| time(t.time_added.as_ref(), now)),
         marked: annotations.is_some_and(|a| a.contains_key(MARKED_ANNOTATION))
             || taints.iter().any(|t| t.key == REMOVAL_TAINT),
+        marked_at: taints
+            .iter()
+            .find(|t| t.key == REMOVAL_TAINT)
+            .and_then(|t| t.time_added.as_ref())
+            .map(|t| SystemTime::from(t.0)),
         opted_out: annotations
             .and_then(|a| a.get(OPT_OUT_ANNOTATION))
             .is_some_and(|v| v.eq_ignore_ascii_case("off")),
@@ -300,13 +309,26 @@ mod tests {
                 "metadata": {"name": "n1", "annotations": {OPT_OUT_ANNOTATION: "Off", MARKED_ANNOTATION: "x"}},
                 "spec": {"taints": [
                     {"key": UNHEALTHY_TAINT, "value": "NotReady", "effect": "NoSchedule", "timeAdded": rfc3339(at(3))},
+                    {"key": REMOVAL_TAINT, "value": "NotReady", "effect": "NoSchedule", "timeAdded": rfc3339(at(8))},
                     {"key": AUTOSCALER_TAINT, "value": "1", "effect": "NoSchedule"},
                 ]},
             }),
         );
         let v = view(&n, None, &cfg(), at(10));
         assert_eq!(v.tainted_since, Some(at(3)));
+        assert_eq!(v.marked_at, Some(at(8)), "from the removal taint");
         assert!(v.marked && v.opted_out && v.autoscaler_deleting);
         assert!(!v.unhealthy());
+
+        // The annotation alone is the node's to write: it marks, but dates nothing.
+        let forged = node(
+            serde_json::json!([{"type": "Ready", "status": "True"}]),
+            serde_json::json!({
+                "metadata": {"name": "n1", "annotations": {MARKED_ANNOTATION: format!("{} NotReady", rfc3339(at(9)))}},
+            }),
+        );
+        let v = view(&forged, None, &cfg(), at(10));
+        assert!(v.marked);
+        assert_eq!(v.marked_at, None);
     }
 }

@@ -16,7 +16,7 @@ pub mod plan;
 use std::time::Duration;
 
 pub use health::{NodeView, Signal, Signals};
-pub use plan::{Action, Hold, MaxUnhealthy, Memory, Phase, Plan, Timing};
+pub use plan::{Action, Hold, MaxUnhealthy, Memory, Phase, Plan, Safety, Timing};
 
 /// `bulwark.io/unhealthy=<reason>:NoSchedule`: nothing new lands on the node.
 pub const UNHEALTHY_TAINT: &str = "bulwark.io/unhealthy";
@@ -27,10 +27,9 @@ pub const MARKED_ANNOTATION: &str = "bulwark.io/marked-for-removal";
 /// `off` on a node: bulwark never acts on it.
 pub const OPT_OUT_ANNOTATION: &str = "bulwark.io/remediation";
 /// Cluster API: the Machine annotation its MachineSet honours when scaling down or
-/// replacing, and the node annotations that name the Machine.
+/// replacing. (The Machine is found by the node's providerID, not by the node's own
+/// `cluster.x-k8s.io/machine` annotation, which the node can rewrite.)
 pub const CAPI_DELETE_MACHINE: &str = "cluster.x-k8s.io/delete-machine";
-pub const CAPI_MACHINE: &str = "cluster.x-k8s.io/machine";
-pub const CAPI_NAMESPACE: &str = "cluster.x-k8s.io/cluster-namespace";
 
 /// node-problem-detector's conditions (and the kubelet's) that mean a node is broken.
 pub const DEFAULT_CONDITIONS: [&str; 7] = [
@@ -50,8 +49,8 @@ pub enum Removal {
     Annotate,
     /// Delete the Node object.
     DeleteNode,
-    /// Annotate the node's Cluster API Machine with `cluster.x-k8s.io/delete-machine`, if a
-    /// MachineSet owns it (something will replace it).
+    /// Annotate the node's Cluster API Machine (the one with the node's providerID) with
+    /// `cluster.x-k8s.io/delete-machine`, if a controller owns it (something will replace it).
     ClusterApi,
     /// Run a command with `BULWARK_NODE` and `BULWARK_PROVIDER_ID` set.
     Exec(Vec<String>),

@@ -193,13 +193,41 @@ impl Phase {
     }
 }
 
-/// What the controller remembers between plans. Lost on a leader change, which only makes
-/// the next leader more cautious (recovery waits start over).
+/// What the safety rules need from earlier terms: when the last removal was decided and when
+/// a hold was last in force. A leader keeps it on its Lease (`leader.rs`) and every new leader
+/// reads it back before it acts, so a leader change (an API outage, a crash-looping leader)
+/// neither shortens the spacing of removals nor skips the cooldown after a storm.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Safety {
+    pub last_removal: Option<SystemTime>,
+    pub last_hold: Option<SystemTime>,
+}
+
+impl Safety {
+    /// The later of each time: whatever either record saw did happen.
+    pub fn merge(self, other: Safety) -> Safety {
+        Safety {
+            last_removal: self.last_removal.max(other.last_removal),
+            last_hold: self.last_hold.max(other.last_hold),
+        }
+    }
+}
+
+/// What the controller remembers between plans. How long each node has been healthy is lost
+/// on a leader change, which only makes the next leader more cautious (recovery waits start
+/// over); the `safety` state is handed on through the Lease.
 #[derive(Debug, Default, Clone)]
 pub struct Memory {
     healthy_since: HashMap<String, SystemTime>,
-    last_removal: Option<SystemTime>,
-    last_hold: Option<SystemTime>,
+    pub safety: Safety,
+}
+
+impl Memory {
+    /// A new term starts from what the nodes say, not from stale recovery waits; the safety
+    /// state is kept (the caller merges the Lease's record into it before planning).
+    pub fn new_term(&mut self) {
+        self.healthy_since.clear();
+    }
 }
 
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -258,10 +286,10 @@ fn hold(t: &Timing, nodes: &[NodeView], mem: &mut Memory, now: SystemTime) -> Op
             });
     }
     if storm.is_some() {
-        mem.last_hold = Some(now);
+        mem.safety.last_hold = Some(now);
         return storm;
     }
-    let since = elapsed(now, mem.last_hold?);
+    let since = elapsed(now, mem.safety.last_hold?);
     (since < t.storm_cooldown).then(|| Hold::Cooldown {
         remaining: t.storm_cooldown - since,
     })
@@ -270,6 +298,14 @@ fn hold(t: &Timing, nodes: &[NodeView], mem: &mut Memory, now: SystemTime) -> Op
 /// Decides what to do now. Idempotent: what was done is read back from the nodes (taints and
 /// marks), so a plan never repeats an action that took effect.
 pub fn plan(t: &Timing, nodes: &[NodeView], mem: &mut Memory, now: SystemTime) -> Plan {
+    // The removal taints on the nodes say when bulwark last removed one, whatever the memory
+    // holds; a time in the future (a skewed clock) counts as now until it comes.
+    let newest_mark = nodes
+        .iter()
+        .filter_map(|n| n.marked_at)
+        .map(|t| t.min(now))
+        .max();
+    mem.safety.last_removal = mem.safety.last_removal.max(newest_mark);
     let mut out = Plan {
         hold: hold(t, nodes, mem, now),
         ..Plan::default()
@@ -326,13 +362,14 @@ fn unhealthy(t: &Timing, n: &NodeView, mem: &mut Memory, now: SystemTime, out: &
                 return Phase::Tainted;
             }
             let spaced = mem
+                .safety
                 .last_removal
                 .is_none_or(|last| elapsed(now, last) >= t.removal_interval);
             if out.hold.is_some() || !spaced {
                 out.held.push(n.name.clone());
                 return Phase::Tainted;
             }
-            mem.last_removal = Some(now);
+            mem.safety.last_removal = Some(now);
             out.actions.push(Action::Remove {
                 node: n.name.clone(),
                 reason,
@@ -366,6 +403,7 @@ mod tests {
             heartbeat_late: false,
             tainted_since: None,
             marked: false,
+            marked_at: None,
             opted_out: false,
             autoscaler_deleting: false,
         }
@@ -629,6 +667,112 @@ mod tests {
         );
         assert!(plan(&t, &nodes, &mut mem, at(999)).actions.is_empty());
         assert_eq!(plan(&t, &nodes, &mut mem, at(1000)).actions.len(), 1);
+    }
+
+    /// Two nodes tainted long ago and due for removal.
+    fn due_for_removal() -> Vec<NodeView> {
+        let tainted = |name: &str| NodeView {
+            tainted_since: Some(at(0)),
+            ..sick(name, 0)
+        };
+        pool(vec![tainted("x"), tainted("y")], 10)
+    }
+
+    #[test]
+    fn a_new_leader_spaces_removals_from_the_removal_taints() {
+        let t = timing();
+        // The previous leader marked "old" at 800 and is gone; this leader's memory is new.
+        let mut nodes = due_for_removal();
+        nodes.push(NodeView {
+            marked: true,
+            marked_at: Some(at(800)),
+            tainted_since: Some(at(0)),
+            ..sick("old", 0)
+        });
+        let mut mem = Memory::default();
+        let p = plan(&t, &nodes, &mut mem, at(1000));
+        assert!(p.actions.is_empty(), "{p:?}");
+        assert_eq!(p.held, vec!["x".to_owned(), "y".to_owned()]);
+        assert_eq!(mem.safety.last_removal, Some(at(800)));
+        let p = plan(&t, &nodes, &mut mem, at(1100));
+        assert_eq!(p.actions.len(), 1, "300 s after the mark: {p:?}");
+
+        // A mark dated in the future (a skewed clock) counts as now until its time comes,
+        // then as itself: a skew delays removals by at most the skew.
+        nodes[2].marked_at = Some(at(2500));
+        let mut mem = Memory::default();
+        assert!(plan(&t, &nodes, &mut mem, at(2000)).actions.is_empty());
+        assert_eq!(mem.safety.last_removal, Some(at(2000)));
+        assert!(plan(&t, &nodes, &mut mem, at(2700)).actions.is_empty());
+        assert_eq!(plan(&t, &nodes, &mut mem, at(2800)).actions.len(), 1);
+    }
+
+    #[test]
+    fn a_new_leader_keeps_the_spacing_and_cooldown_it_read_from_the_lease() {
+        let t = timing();
+        // Read back from the Lease: a removal at 900 (its node since deleted) and a storm
+        // that held until 950.
+        let read = Safety {
+            last_removal: Some(at(900)),
+            last_hold: Some(at(950)),
+        };
+        let mut mem = Memory::default();
+        mem.safety = mem.safety.merge(read);
+        // Nothing new while the cooldown (300 s from 950) runs...
+        let nodes = due_for_removal();
+        let p = plan(&t, &nodes, &mut mem, at(1000));
+        assert!(matches!(p.hold, Some(Hold::Cooldown { .. })), "{p:?}");
+        assert!(p.actions.is_empty());
+        // ...then removals, one, spaced from the last removal.
+        let p = plan(&t, &nodes, &mut mem, at(1250));
+        assert_eq!(p.hold, None);
+        assert_eq!(p.actions.len(), 1);
+        assert_eq!(mem.safety.last_removal, Some(at(1250)));
+
+        // Without the record the same plan acts at once: the record is what holds it.
+        let p = plan(&t, &nodes, &mut Memory::default(), at(1000));
+        assert_eq!(p.actions.len(), 1);
+    }
+
+    #[test]
+    fn a_new_term_forgets_recovery_waits_but_not_safety() {
+        let t = timing();
+        let mut mem = Memory::default();
+        let recovered = pool(
+            vec![NodeView {
+                tainted_since: Some(at(0)),
+                ..healthy("n")
+            }],
+            5,
+        );
+        assert!(plan(&t, &recovered, &mut mem, at(100)).actions.is_empty());
+        mem.safety.last_hold = Some(at(90));
+        mem.new_term();
+        assert_eq!(mem.safety.last_hold, Some(at(90)));
+        // The recovery wait starts over at 300 (the old term would restore now, 200 s after
+        // it first saw the node healthy).
+        assert!(plan(&t, &recovered, &mut mem, at(300)).actions.is_empty());
+        let p = plan(&t, &recovered, &mut mem, at(420));
+        assert_eq!(p.actions, vec![Action::Restore { node: "n".into() }]);
+    }
+
+    #[test]
+    fn merge_keeps_the_later_of_each_time() {
+        let a = Safety {
+            last_removal: Some(at(5)),
+            last_hold: None,
+        };
+        let b = Safety {
+            last_removal: Some(at(3)),
+            last_hold: Some(at(4)),
+        };
+        assert_eq!(
+            a.merge(b),
+            Safety {
+                last_removal: Some(at(5)),
+                last_hold: Some(at(4))
+            }
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ fn view() -> NodeView {
         heartbeat_late: false,
         tainted_since: None,
         marked: false,
+        marked_at: None,
         opted_out: false,
         autoscaler_deleting: false,
     }
@@ -214,4 +215,159 @@ async fn dry_run_makes_no_request() {
         })
         .await;
     assert_eq!(outcomes, vec![ActionOutcome::DryRun; 3]);
+}
+
+const MACHINES: &str = "/apis/cluster.x-k8s.io/v1beta1/machines?";
+const PROVIDER_ID: &str = "aws:///eu-west-1a/i-0abc";
+
+/// A Cluster API Machine; `owned` gives it a MachineSet as controller owner.
+fn machine(ns: &str, name: &str, provider_id: &str, owned: bool, node_ref: Option<&str>) -> Value {
+    let owners: Vec<Value> = if owned {
+        vec![json!({
+            "apiVersion": "cluster.x-k8s.io/v1beta1", "kind": "MachineSet", "name": "workers",
+            "uid": "5d0f8c1e-0a8e-4c53-9f0e-2b7d5c9a1e34", "controller": true,
+        })]
+    } else {
+        Vec::new()
+    };
+    let mut m = json!({
+        "apiVersion": "cluster.x-k8s.io/v1beta1",
+        "kind": "Machine",
+        "metadata": {"name": name, "namespace": ns, "resourceVersion": "3", "ownerReferences": owners},
+        "spec": {"clusterName": "prod", "providerID": provider_id},
+    });
+    if let Some(node) = node_ref {
+        m["status"] = json!({"nodeRef": {"kind": "Node", "name": node}});
+    }
+    m
+}
+
+fn machine_list(items: Vec<Value>) -> Value {
+    json!({
+        "apiVersion": "cluster.x-k8s.io/v1beta1",
+        "kind": "MachineList",
+        "metadata": {"resourceVersion": "9"},
+        "items": items,
+    })
+}
+
+/// Node `n1` whose own annotations name another Machine: what a compromised kubelet could
+/// write to have bulwark delete a Machine of its choosing.
+fn node_naming_victim() -> Value {
+    node(
+        "7",
+        &[],
+        json!({"cluster.x-k8s.io/machine": "victim", "cluster.x-k8s.io/cluster-namespace": "payments"}),
+    )
+}
+
+/// A Machine the node's forged annotations point at: another node's, owned, replaceable.
+fn victim() -> Value {
+    machine(
+        "payments",
+        "victim",
+        "aws:///eu-west-1b/i-0fff",
+        true,
+        Some("n9"),
+    )
+}
+
+fn remove_not_ready() -> Action {
+    Action::Remove {
+        node: "n1".into(),
+        reason: "NotReady".into(),
+    }
+}
+
+#[tokio::test]
+async fn cluster_api_marks_the_machine_with_the_nodes_provider_id() {
+    let ours = machine("capi", "workers-abc", PROVIDER_ID, true, Some("n1"));
+    let server = ApiServer::new()
+        .get(NODE, Reply::Json(node_naming_victim()))
+        .get(MACHINES, Reply::Json(machine_list(vec![victim(), ours])))
+        .get(NODE, Reply::Json(node_naming_victim()))
+        .replace(NODE, "7")
+        .body(|n| assert!(n["metadata"]["annotations"][MARKED_ANNOTATION].is_string()))
+        .respond(Reply::Stored)
+        .expect(
+            Method::PATCH,
+            "/apis/cluster.x-k8s.io/v1beta1/namespaces/capi/machines/workers-abc?",
+        )
+        .body(|p| {
+            assert_eq!(
+                p,
+                &json!({"metadata": {"annotations": {CAPI_DELETE_MACHINE: "yes"}}})
+            );
+        })
+        .respond(Reply::Json(machine(
+            "capi",
+            "workers-abc",
+            PROVIDER_ID,
+            true,
+            Some("n1"),
+        )));
+    assert_eq!(
+        applied(server, Removal::ClusterApi, remove_not_ready()).await,
+        ActionOutcome::Done
+    );
+}
+
+/// The outcome when the Machines are `machines`: refused before anything is written.
+async fn refused_with(machines: Vec<Value>) -> String {
+    let server = ApiServer::new()
+        .get(NODE, Reply::Json(node_naming_victim()))
+        .get(MACHINES, Reply::Json(machine_list(machines)));
+    match applied(server, Removal::ClusterApi, remove_not_ready()).await {
+        ActionOutcome::Refused(why) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn cluster_api_ignores_the_machine_the_nodes_annotations_name() {
+    // Only the Machine the annotations name exists: it is not the node's, and is left alone.
+    let why = refused_with(vec![victim()]).await;
+    assert_eq!(
+        why,
+        format!("no Cluster API Machine has providerID {PROVIDER_ID}")
+    );
+}
+
+#[tokio::test]
+async fn cluster_api_refuses_a_machine_nothing_would_replace() {
+    let unowned = machine("capi", "lonely", PROVIDER_ID, false, Some("n1"));
+    let why = refused_with(vec![victim(), unowned]).await;
+    assert!(why.contains("capi/lonely has no controller owner"), "{why}");
+}
+
+#[tokio::test]
+async fn cluster_api_refuses_a_node_without_provider_id() {
+    let mut bare = node_naming_victim();
+    bare["spec"]
+        .as_object_mut()
+        .expect("a spec")
+        .remove("providerID");
+    let server = ApiServer::new().get(NODE, Reply::Json(bare));
+    let outcome = applied(server, Removal::ClusterApi, remove_not_ready()).await;
+    assert!(
+        matches!(&outcome, ActionOutcome::Refused(why) if why.contains("no providerID")),
+        "{outcome:?}"
+    );
+}
+
+#[test]
+fn machine_for_trusts_only_the_provider_id_and_cluster_apis_own_fields() {
+    let parse = |v: Value| -> DynamicObject { serde_json::from_value(v).expect("a Machine") };
+    let ours = parse(machine("capi", "a", PROVIDER_ID, true, Some("n1")));
+    let not_yet_linked = parse(machine("capi", "b", PROVIDER_ID, true, None));
+    let others_node = parse(machine("capi", "c", PROVIDER_ID, true, Some("n2")));
+    let found = machine_for("n1", PROVIDER_ID, std::slice::from_ref(&ours));
+    assert_eq!(found.map(|m| m.metadata.name.clone()), Ok(Some("a".into())));
+    assert!(machine_for("n1", PROVIDER_ID, std::slice::from_ref(&not_yet_linked)).is_ok());
+    // A node that set another node's providerID still does not get that node's Machine.
+    let why = machine_for("n1", PROVIDER_ID, std::slice::from_ref(&others_node)).unwrap_err();
+    assert!(why.contains("belongs to node n2"), "{why}");
+    // Two Machines with one providerID: no guess.
+    let why = machine_for("n1", PROVIDER_ID, &[ours, not_yet_linked]).unwrap_err();
+    assert!(why.contains("2 Machines have providerID"), "{why}");
 }

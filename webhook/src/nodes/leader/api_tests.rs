@@ -2,7 +2,7 @@
 //! `bulwark-system/bulwark-node-controller`.
 
 use http::Method;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::*;
 use crate::testing::{ApiServer, Reply};
@@ -169,4 +169,129 @@ async fn release_leaves_a_lease_held_by_another_alone() {
     server
         .run(|client| async move { elector(client).release().await })
         .await;
+}
+
+/// A time in the past (a recorded time later than now would count as now).
+fn at(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+}
+
+fn text(t: SystemTime) -> String {
+    rfc3339(t).expect("a representable time")
+}
+
+/// `lease` with the previous leader's record: a removal at `at(10)`, a hold until `at(20)`.
+fn with_record(mut lease: Value) -> Value {
+    lease["metadata"]["annotations"] = json!({
+        LAST_REMOVAL_ANNOTATION: text(at(10)),
+        LAST_HOLD_ANNOTATION: text(at(20)),
+        "example.com/kept": "yes",
+    });
+    lease
+}
+
+fn previous_record() -> Safety {
+    Safety {
+        last_removal: Some(at(10)),
+        last_hold: Some(at(20)),
+    }
+}
+
+#[tokio::test]
+async fn a_take_over_reads_the_previous_leaders_record_before_it_holds() {
+    let server = ApiServer::new()
+        .get(LEASE, Reply::Json(with_record(expired())))
+        .replace(LEASE, "7")
+        .body(|l| {
+            assert_eq!(l["spec"]["holderIdentity"], "me");
+            let a = &l["metadata"]["annotations"];
+            assert_eq!(a[LAST_REMOVAL_ANNOTATION], text(at(10)), "handed on: {a}");
+            assert_eq!(a[LAST_HOLD_ANNOTATION], text(at(20)));
+            assert_eq!(a["example.com/kept"], "yes");
+        })
+        .respond(Reply::Stored);
+    let (held, safety) = server
+        .run(|client| async move {
+            let e = elector(client);
+            let held = e.round().await.map_err(|e| e.to_string());
+            (held, e.safety())
+        })
+        .await;
+    assert_eq!(held, Ok(true));
+    assert_eq!(safety, previous_record());
+}
+
+#[tokio::test]
+async fn a_renewal_writes_the_latest_hold() {
+    let server = ApiServer::new()
+        .get(
+            LEASE,
+            Reply::Json(with_record(lease("me", Duration::from_secs(2), 3))),
+        )
+        .replace(LEASE, "7")
+        .body(|l| {
+            let a = &l["metadata"]["annotations"];
+            assert_eq!(a[LAST_HOLD_ANNOTATION], text(at(30)), "{a}");
+            assert_eq!(a[LAST_REMOVAL_ANNOTATION], text(at(10)));
+        })
+        .respond(Reply::Stored);
+    let held = server
+        .run(|client| async move {
+            let e = elector(client);
+            e.note(Safety {
+                last_removal: None,
+                last_hold: Some(at(30)),
+            });
+            e.round().await.map_err(|e| e.to_string())
+        })
+        .await;
+    assert_eq!(held, Ok(true));
+}
+
+#[tokio::test]
+async fn a_removal_is_recorded_on_the_lease_it_holds() {
+    let server = ApiServer::new()
+        .get(LEASE, Reply::Json(lease("me", Duration::from_secs(1), 3)))
+        .replace(LEASE, "7")
+        .respond(Reply::conflict())
+        .get(
+            LEASE,
+            Reply::Json(with_record(lease("me", Duration::from_secs(1), 3))),
+        )
+        .replace(LEASE, "7")
+        .body(|l| {
+            let a = &l["metadata"]["annotations"];
+            assert_eq!(a[LAST_REMOVAL_ANNOTATION], text(at(40)), "{a}");
+            assert_eq!(a[LAST_HOLD_ANNOTATION], text(at(20)));
+        })
+        .respond(Reply::Stored);
+    let (recorded, safety) = server
+        .run(|client| async move {
+            let e = elector(client);
+            let r = e.record_removal(at(40)).await.map_err(|e| e.to_string());
+            (r, e.safety())
+        })
+        .await;
+    assert_eq!(recorded, Ok(()));
+    assert_eq!(safety.last_removal, Some(at(40)));
+}
+
+#[tokio::test]
+async fn a_removal_is_not_recorded_on_a_lease_another_holds() {
+    let server = ApiServer::new().get(
+        LEASE,
+        Reply::Json(lease("other", Duration::from_secs(1), 3)),
+    );
+    let (recorded, safety) = server
+        .run(|client| async move {
+            let e = elector(client);
+            let r = e.record_removal(at(40)).await;
+            (matches!(r, Err(LeaderError::NotHolder)), e.safety())
+        })
+        .await;
+    assert!(recorded, "refused");
+    assert_eq!(
+        safety.last_removal, None,
+        "an unrecorded removal spaces nothing"
+    );
 }

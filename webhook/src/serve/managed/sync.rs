@@ -1,5 +1,7 @@
-//! Keeps the certificate Secret, the served certificate and the webhook configurations'
-//! caBundle in step. Reads and writes go through the API server; the plan is in the parent.
+//! Keeps the certificate Secret and the served certificate in step. Reads and writes go
+//! through the API server; the plan is in the parent. The webhook configurations are only
+//! read here (is a staged CA trusted yet?): `bulwark cabundle` (`cabundle.rs`) writes their
+//! caBundle, with a ServiceAccount of its own.
 
 use std::{
     collections::BTreeMap,
@@ -24,8 +26,9 @@ use kube::{
 };
 
 use super::{
-    CA_STAGED_ANNOTATION, ROTATE_ANNOTATION, ROTATE_CA_ANNOTATION, ROTATED_ANNOTATION,
-    ROTATED_CA_ANNOTATION, SecretPlan, Stored, Wanted, plan,
+    CA_PROMOTED_ANNOTATION, CA_STAGED_ANNOTATION, CA_TRUSTED_ANNOTATION, Observed,
+    ROTATE_ANNOTATION, ROTATE_CA_ANNOTATION, ROTATED_ANNOTATION, ROTATED_CA_ANNOTATION, SecretPlan,
+    Stored, Wanted, fleet, plan,
 };
 use crate::{
     backoff::Jittered,
@@ -50,7 +53,11 @@ pub enum SyncError {
 pub struct ManagedOptions {
     pub namespace: String,
     pub secret: String,
-    /// The Mutating- and ValidatingWebhookConfiguration whose caBundle bulwark keeps current.
+    /// The webhook's Service: its ready endpoints are asked what they serve before older CAs
+    /// are retired.
+    pub service: String,
+    /// The Mutating- and ValidatingWebhookConfiguration whose caBundle must trust a new CA
+    /// before a certificate it signed is served.
     pub webhook_configuration: String,
     pub wanted: Wanted,
 }
@@ -62,9 +69,12 @@ impl ManagedOptions {
 }
 
 const CA_CRT: &str = "ca.crt";
+/// Where earlier versions kept the CA key; dropped from the Secret when found.
 const CA_KEY: &str = "ca.key";
 const TLS_CRT: &str = "tls.crt";
 const TLS_KEY: &str = "tls.key";
+const NEXT_CRT: &str = "next.crt";
+const NEXT_KEY: &str = "next.key";
 
 fn text(data: &BTreeMap<String, ByteString>, key: &str) -> String {
     // A non-UTF-8 value is as unusable as a missing one; the plan replaces it.
@@ -73,59 +83,152 @@ fn text(data: &BTreeMap<String, ByteString>, key: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The Secret's `ca.crt` as text (empty when missing or not UTF-8).
+pub fn ca_bundle_text(secret: &Secret) -> String {
+    secret
+        .data
+        .as_ref()
+        .map(|d| text(d, CA_CRT))
+        .unwrap_or_default()
+}
+
 impl Stored {
     pub fn from_secret(secret: &Secret) -> Stored {
         let data = secret.data.clone().unwrap_or_default();
         let annotations = secret.metadata.annotations.clone().unwrap_or_default();
+        let unix = |key: &str| annotations.get(key).and_then(|v| v.parse().ok());
         Stored {
             ca_bundle: text(&data, CA_CRT),
-            ca_key: text(&data, CA_KEY),
             cert: text(&data, TLS_CRT),
             key: text(&data, TLS_KEY),
+            next_cert: text(&data, NEXT_CRT),
+            next_key: text(&data, NEXT_KEY),
+            legacy_ca_key: data.contains_key(CA_KEY),
             rotate: annotations.get(ROTATE_ANNOTATION).cloned(),
             rotated: annotations.get(ROTATED_ANNOTATION).cloned(),
             rotate_ca: annotations.get(ROTATE_CA_ANNOTATION).cloned(),
             rotated_ca: annotations.get(ROTATED_CA_ANNOTATION).cloned(),
-            ca_staged_at: annotations
-                .get(CA_STAGED_ANNOTATION)
-                .and_then(|v| v.parse().ok()),
+            ca_staged_at: unix(CA_STAGED_ANNOTATION),
+            ca_trusted_at: unix(CA_TRUSTED_ANNOTATION),
+            ca_promoted_at: unix(CA_PROMOTED_ANNOTATION),
         }
     }
 
-    /// `base` with this content; its other labels and annotations are kept.
+    /// `base` with this content; its other labels and annotations are kept, its other data
+    /// (a CA key of an earlier version) is not.
     fn into_secret(self, mut base: Secret) -> Secret {
         let bytes = |s: String| ByteString(s.into_bytes());
         // A Secret's type cannot change; one made by hand (Opaque) keeps its type.
         base.type_.get_or_insert_with(|| "kubernetes.io/tls".into());
         base.string_data = None;
-        base.data = Some(BTreeMap::from([
+        let mut data = BTreeMap::from([
             (CA_CRT.into(), bytes(self.ca_bundle)),
-            (CA_KEY.into(), bytes(self.ca_key)),
             (TLS_CRT.into(), bytes(self.cert)),
             (TLS_KEY.into(), bytes(self.key)),
-        ]));
+        ]);
+        if !self.next_cert.is_empty() || !self.next_key.is_empty() {
+            data.insert(NEXT_CRT.into(), bytes(self.next_cert));
+            data.insert(NEXT_KEY.into(), bytes(self.next_key));
+        }
+        base.data = Some(data);
         let annotations = base.metadata.annotations.get_or_insert_with(BTreeMap::new);
         for (key, value) in [
             (ROTATED_ANNOTATION, self.rotated),
             (ROTATED_CA_ANNOTATION, self.rotated_ca),
+            (
+                CA_STAGED_ANNOTATION,
+                self.ca_staged_at.map(|t| t.to_string()),
+            ),
+            (
+                CA_TRUSTED_ANNOTATION,
+                self.ca_trusted_at.map(|t| t.to_string()),
+            ),
+            (
+                CA_PROMOTED_ANNOTATION,
+                self.ca_promoted_at.map(|t| t.to_string()),
+            ),
         ] {
             match value {
                 Some(v) => annotations.insert(key.into(), v),
                 None => annotations.remove(key),
             };
         }
-        match self.ca_staged_at {
-            Some(t) => annotations.insert(CA_STAGED_ANNOTATION.into(), t.to_string()),
-            None => annotations.remove(CA_STAGED_ANNOTATION),
-        };
         base
     }
+}
+
+/// Whether every webhook of both configurations has `ca` in its caBundle. A configuration
+/// that cannot be read (or does not exist) trusts nothing.
+async fn trusted(client: &Client, name: &str, ca: &str) -> bool {
+    let holds = |config: Option<&WebhookClientConfig>| {
+        config
+            .and_then(|c| c.ca_bundle.as_ref())
+            .and_then(|b| std::str::from_utf8(&b.0).ok())
+            .is_some_and(|bundle| super::pem_blocks(bundle).iter().any(|b| b == ca))
+    };
+    let mutating = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get_opt(name)
+        .await;
+    let validating = Api::<ValidatingWebhookConfiguration>::all(client.clone())
+        .get_opt(name)
+        .await;
+    match (mutating, validating) {
+        (Ok(Some(m)), Ok(Some(v))) => {
+            let m = m.webhooks.unwrap_or_default();
+            let v = v.webhooks.unwrap_or_default();
+            m.iter().all(|w| holds(Some(&w.client_config)))
+                && v.iter().all(|w| holds(Some(&w.client_config)))
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(name, error = %e, "cannot read the webhook configurations; the new CA waits");
+            false
+        }
+        _ => {
+            tracing::warn!(
+                name,
+                "webhook configuration not found; the new CA waits until its caBundle holds it"
+            );
+            false
+        }
+    }
+}
+
+/// What the plan needs from beyond the Secret, asked only when it matters: the caBundles
+/// while a renewal is staged, the replicas when older CAs could go.
+async fn observe(client: &Client, opts: &ManagedOptions, stored: Option<&Stored>) -> Observed {
+    let mut observed = Observed::default();
+    let Some(s) = stored else {
+        return observed;
+    };
+    if s.is_staged()
+        && let Some(ca) = s.newest_ca()
+    {
+        observed.trusted = trusted(client, &opts.webhook_configuration, &ca).await;
+    }
+    if s.retire_due(&opts.wanted, SystemTime::now()) {
+        observed.fleet_current = match fleet::service_serves(
+            client,
+            &opts.namespace,
+            &opts.service,
+            &s.cert,
+        )
+        .await
+        {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell what the replicas serve; older CAs stay trusted");
+                false
+            }
+        };
+    }
+    observed
 }
 
 /// Brings the Secret to what the plan wants and returns it with the time to look again.
 /// Concurrent writers are resolved by the resourceVersion: a loser reads again and, finding
 /// the winner's certificate good, keeps it.
 async fn settle(
+    client: &Client,
     api: &Api<Secret>,
     opts: &ManagedOptions,
     metrics: &TlsMetrics,
@@ -137,7 +240,8 @@ async fn settle(
     for _ in 0..8 {
         let current = api.get_opt(&opts.secret).await.map_err(api_err)?;
         let stored = current.as_ref().map(Stored::from_secret);
-        let (next, why) = match plan(stored.as_ref(), &opts.wanted, SystemTime::now())? {
+        let observed = observe(client, opts, stored.as_ref()).await;
+        let (next, why) = match plan(stored.as_ref(), &opts.wanted, observed, SystemTime::now())? {
             SecretPlan::Keep { recheck_at } => match stored {
                 Some(s) => return Ok((s, recheck_at)),
                 None => continue,
@@ -263,10 +367,8 @@ pub const CONFIGURATION_KINDS: [&str; 2] = [
     "ValidatingWebhookConfiguration",
 ];
 
-/// Serves the Secret's pair and makes the caBundle its CA bundle. `false` when something is
-/// missing or failed, so the caller looks again soon.
-async fn publish(
-    client: &Client,
+/// Serves the Secret's pair. `false` when it is unusable, so the caller looks again soon.
+fn publish(
     opts: &ManagedOptions,
     stored: &Stored,
     store: &CertStore,
@@ -287,33 +389,13 @@ async fn publish(
             .map_or(0, |d| d.as_secs());
         metrics.cert_not_after.set(secs as f64);
     }
-    let name = &opts.webhook_configuration;
-    let results = set_ca_bundle(client, name, &stored.ca_bundle).await;
-    let mut ok = true;
-    for (kind, r) in CONFIGURATION_KINDS.iter().zip(results) {
-        match r {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(
-                    kind,
-                    name,
-                    "webhook configuration not found; its caBundle is set once it exists"
-                );
-                ok = false;
-            }
-            Err(e) => {
-                tracing::warn!(kind, name, error = %e, "caBundle not updated; retrying");
-                ok = false;
-            }
-        }
-    }
-    ok
+    true
 }
 
 /// How soon to look again when everything is in order (renewals are planned by time and
 /// changes are watched; this is the safety net for a missed event).
 const RECHECK: Duration = Duration::from_secs(300);
-/// How soon to look again after a failure or a missing configuration.
+/// How soon to look again after a failure.
 const RETRY: Duration = Duration::from_secs(10);
 /// Start-up attempts before giving up with the error (the Pod restarts with back-off).
 const START_ATTEMPTS: u32 = 6;
@@ -328,7 +410,7 @@ pub async fn start(
     let mut backoff = Jittered::new(Duration::from_millis(500), Duration::from_secs(8));
     let mut attempt = 0;
     let (stored, recheck) = loop {
-        match settle(&api, &opts, &metrics).await {
+        match settle(&client, &api, &opts, &metrics).await {
             Ok(settled) => break settled,
             Err(e) if attempt + 1 >= START_ATTEMPTS => return Err(e),
             Err(e) => {
@@ -339,7 +421,7 @@ pub async fn start(
         }
     };
     let store = CertStore::from_pem(&stored.cert, &stored.key)?;
-    let published = publish(&client, &opts, &stored, &store, &metrics).await;
+    let published = publish(&opts, &stored, &store, &metrics);
     let first = if published {
         recheck
     } else {
@@ -366,7 +448,7 @@ fn sleep_until(t: SystemTime) -> tokio::time::Sleep {
 type Changes = futures::stream::BoxStream<'static, Result<(), (&'static str, watcher::Error)>>;
 
 /// Changes of the one object called `name`.
-fn named_watch<K>(api: Api<K>, name: &str, what: &'static str) -> Changes
+pub(super) fn named_watch<K>(api: Api<K>, name: &str, what: &'static str) -> Changes
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
@@ -376,8 +458,8 @@ where
         .boxed()
 }
 
-/// Reacts to every change of the Secret and of the two webhook configurations, and to the
-/// planned times.
+/// Reacts to every change of the Secret and of the two webhook configurations (a caBundle
+/// that now holds a staged CA moves the renewal on), and to the planned times.
 async fn keep_current(
     client: Client,
     api: Api<Secret>,
@@ -387,7 +469,7 @@ async fn keep_current(
     mut next: SystemTime,
 ) {
     // The Secret (another replica's write, `bulwark certs rotate`) and the two configurations
-    // (a re-install or an edit that drops the caBundle is repaired at once).
+    // (`bulwark cabundle` setting the caBundle, or an edit dropping it).
     let name = &opts.webhook_configuration;
     let mut events = futures::stream::select_all([
         named_watch(api.clone(), &opts.secret, "certificate Secret"),
@@ -414,9 +496,9 @@ async fn keep_current(
             },
             () = sleep_until(next) => {}
         }
-        next = match settle(&api, &opts, &metrics).await {
+        next = match settle(&client, &api, &opts, &metrics).await {
             Ok((stored, recheck)) => {
-                if publish(&client, &opts, &stored, &store, &metrics).await {
+                if publish(&opts, &stored, &store, &metrics) {
                     recheck.min(SystemTime::now() + RECHECK)
                 } else {
                     SystemTime::now() + RETRY
