@@ -53,7 +53,8 @@ pub struct WebhookOptions {
     /// The API server; `None` runs offline (policy from the settings, counts from this
     /// process's own admissions).
     pub client: Option<kube::Client>,
-    /// The webhook's own namespace: always exempt, and where its peers' Service is.
+    /// The webhook's own namespace: always exempt and a system namespace, and where its
+    /// peers' Service is.
     pub own_namespace: Option<String>,
     /// This replica's name in Events (its pod's).
     pub identity: Option<String>,
@@ -81,10 +82,7 @@ impl Webhook {
     /// webhook is ready at once.
     pub fn new(settings: review::Settings, offline: bool) -> Webhook {
         let settings = Arc::new(settings);
-        let cache = Arc::new(Cache::new(
-            settings.defaults.clone(),
-            settings.pods.workflow_labels.clone(),
-        ));
+        let cache = Arc::new(Cache::new(settings.defaults.clone(), settings.pods.clone()));
         let ledger = Arc::new(Ledger::new(settings.quota.reservation_ttl, Instant::now()));
         let metrics = Arc::new(WebhookMetrics::new());
         let admitter = Admitter::new(
@@ -137,7 +135,7 @@ impl Webhook {
     pub async fn start(opts: WebhookOptions) -> Result<Started, StartError> {
         let mut settings = opts.settings;
         if let Some(ns) = &opts.own_namespace {
-            settings.pods.exempt(ns);
+            settings.pods.own_namespace(ns);
         }
         let webhook = Webhook::new(settings, opts.client.is_none());
         let certs = match (opts.certificates, &opts.client) {
