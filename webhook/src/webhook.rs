@@ -18,6 +18,7 @@ use crate::{
     review::{self, answer::Admitter, answer::Answered, wire::ReviewError},
     serve::{
         self, Running, ServeOptions, ServerError,
+        conn::Limits,
         http::{Endpoint, Service},
         managed::sync::{ManagedOptions, SyncError},
         tls::{CertStore, ClientCa, TlsError},
@@ -66,6 +67,8 @@ pub struct WebhookOptions {
     pub metrics_listen: Option<SocketAddr>,
     pub reload_interval: Duration,
     pub drain_timeout: Duration,
+    /// Connection limits of the HTTPS listener; the default in production.
+    pub limits: Limits,
 }
 
 /// The webhook's decision parts, wired together.
@@ -183,7 +186,10 @@ impl Webhook {
         let running = serve::start(
             webhook.service.clone(),
             Arc::new(webhook.clone()),
-            webhook.metrics.tls.clone(),
+            (
+                webhook.metrics.tls.clone(),
+                webhook.metrics.connections.clone(),
+            ),
             ServeOptions {
                 listen: opts.listen,
                 metrics_listen: opts.metrics_listen,
@@ -191,6 +197,7 @@ impl Webhook {
                 client_ca: opts.client_ca,
                 reload_interval: opts.reload_interval,
                 drain_timeout: opts.drain_timeout,
+                limits: opts.limits,
             },
         )
         .await?;
