@@ -28,6 +28,7 @@ async fn renderings(ctx: &Ctx) -> anyhow::Result<(Vec<Rendering>, Vec<Rendering>
         ("kustomize base", "base"),
         ("kustomize fail-closed", "overlays/fail-closed"),
         ("kustomize cert-manager", "overlays/cert-manager"),
+        ("kustomize mtls", "overlays/mtls"),
     ] {
         let dir = deploy.join(dir).display().to_string();
         let out = ctx.kubectl(&["kustomize", &dir], None).await?;
@@ -46,6 +47,7 @@ async fn renderings(ctx: &Ctx) -> anyhow::Result<(Vec<Rendering>, Vec<Rendering>
             Some("webhook.failurePolicy=Fail"),
         ),
         ("helm certManager", Some("certManager.enabled=true")),
+        ("helm clientAuth", Some("webhook.clientAuth.enabled=true")),
     ] {
         let mut cmd = tokio::process::Command::new(ctx.state().helm());
         cmd.args(["template", "bulwark", &chart]);
