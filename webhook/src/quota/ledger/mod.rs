@@ -143,6 +143,8 @@ pub struct Request<'a> {
 struct Keep {
     ttl: Duration,
     max_reservations: usize,
+    /// The bound on reservations in the whole table, where it is checked per reservation.
+    max_total: Option<u64>,
 }
 
 pub struct Ledger {
@@ -185,6 +187,7 @@ impl Ledger {
         Keep {
             ttl: self.ttl,
             max_reservations: MAX_NAMESPACE_RESERVATIONS,
+            max_total: Some(MAX_RESERVATIONS),
         }
     }
 
@@ -274,12 +277,6 @@ impl Ledger {
             return self.admit_in(view, ns, keep, req, limits, now);
         }
         let mut ns = self.namespaces.entry(req.namespace.into()).or_default();
-        if self.reserved() >= MAX_RESERVATIONS
-            && let Some(r) = ns.reservations.pop_front()
-        {
-            ns.forget(&r);
-            self.release(&r);
-        }
         self.admit_in(view, &mut ns, self.known(), req, limits, now)
     }
 
@@ -429,9 +426,9 @@ impl Ledger {
 
     /// Records an admitted pod. The caller has already taken its cluster pending slot.
     fn reserve(&self, ns: &mut NamespaceLedger, keep: Keep, req: &Request<'_>, now: Instant) {
-        if ns.reservations.len() >= keep.max_reservations
-            && let Some(oldest) = ns.reservations.pop_front()
-        {
+        let full = ns.reservations.len() >= keep.max_reservations
+            || keep.max_total.is_some_and(|total| self.reserved() >= total);
+        if full && let Some(oldest) = ns.reservations.pop_front() {
             ns.forget(&oldest);
             self.release(&oldest);
         }

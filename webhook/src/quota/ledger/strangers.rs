@@ -39,6 +39,8 @@ impl Strangers {
         Keep {
             ttl: ttl.min(TTL),
             max_reservations: MAX_RESERVATIONS,
+            // Kept by `entry`, across these namespaces.
+            max_total: None,
         }
     }
 

@@ -439,6 +439,12 @@ fn at_the_total_bound_a_namespace_replaces_its_own_oldest() {
         }
     }
     assert_eq!(f.ledger.reserved(), MAX_RESERVATIONS);
+    // A refused creation takes nothing, and drops nothing either.
+    assert!(f.enforce_in("ns0", &counts_only(Some(0), None)).is_err());
+    assert_eq!(
+        f.ledger.namespaces.get("ns0").map(|n| n.reservations.len()),
+        Some(per as usize)
+    );
     // A namespace with reservations trades its oldest for the new one...
     f.enforce_in("ns0", &p).unwrap();
     assert_eq!(f.ledger.reserved(), MAX_RESERVATIONS);
