@@ -253,3 +253,41 @@ async fn a_flood_of_idle_and_silent_connections_leaves_room_for_a_real_client() 
     }
     drop((silent, idle));
 }
+
+/// One address that sends bodies and stalls holds at most its share of the body budget: with
+/// 10 MiB of stalled bodies from 127.0.0.2 (the whole budget here is 8 MiB, its share 2 MiB),
+/// a review from another address is still read and answered at once.
+#[tokio::test]
+async fn stalled_bodies_from_one_address_hold_only_its_share_of_the_budget() {
+    let limits = Limits {
+        body_budget: 8 * 1024 * 1024,
+        body_budget_per_client: 2 * 1024 * 1024,
+        ..Limits::default()
+    };
+    let server = TestServer::start_limited(QUIET, None, limits).await;
+    let source = "127.0.0.2".parse().expect("ip");
+    let stalling: StreamingClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build(connector_from(
+                &[&server.ca_pem],
+                Proto::H2,
+                None,
+                Some(source),
+            ));
+    let mib = vec![b' '; 1024 * 1024];
+    let mut stalled = Vec::new();
+    for _ in 0..10 {
+        stalled.push(post_streaming(&stalling, &server.url("/validate"), &mib).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = server.client(Proto::Http1);
+    let reply = tokio::time::timeout(
+        Duration::from_secs(2),
+        server.validate_pod(&client, "ci", "real"),
+    )
+    .await
+    .expect("a review from another address was answered while the budget was held");
+    assert_eq!(response(&reply)["allowed"], true);
+    drop(stalled);
+}

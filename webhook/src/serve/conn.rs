@@ -16,7 +16,7 @@ use std::{
     future::Future,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError, Weak},
     time::{Duration, Instant},
 };
 
@@ -29,13 +29,13 @@ use hyper_util::{
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
-    sync::{Notify, watch},
+    sync::{Notify, Semaphore, watch},
     task::JoinSet,
 };
 use tokio_rustls::TlsAcceptor;
 
 use super::{
-    http::BodyBudget,
+    http::{self, BodyBudget},
     tls::{ClientCa, ClientCert},
 };
 use crate::metrics::webhook::ListenerMetrics;
@@ -65,6 +65,8 @@ pub struct Limits {
     pub max_streams: u32,
     /// Bytes of request bodies being read at once, over all connections.
     pub body_budget: usize,
+    /// Of those, what the connections from one address may hold.
+    pub body_budget_per_client: usize,
 }
 
 impl Default for Limits {
@@ -84,6 +86,9 @@ impl Default for Limits {
             max_streams: 32,
             // 21 of the largest bodies kube-apiserver sends (3 MiB), or thousands of pods.
             body_budget: 64 * 1024 * 1024,
+            // Five of the largest bodies, or hundreds of ordinary reviews in flight from one
+            // API server; four addresses are needed to take the whole budget.
+            body_budget_per_client: 16 * 1024 * 1024,
         }
     }
 }
@@ -98,6 +103,7 @@ impl Limits {
             max_connections_per_client: 8,
             max_streams: 8,
             body_budget: 0,
+            body_budget_per_client: 0,
             ..Limits::default()
         }
     }
@@ -184,6 +190,8 @@ struct Registry {
     limits: Limits,
     table: Mutex<Table>,
     metrics: ListenerMetrics,
+    /// Each client address's share of the body budget, while it has connections.
+    shares: Mutex<HashMap<IpAddr, Weak<Semaphore>>>,
 }
 
 impl Registry {
@@ -253,6 +261,19 @@ impl Registry {
         self.metrics.handshaking.dec();
         self.metrics.established.inc();
         Ok(())
+    }
+
+    /// The body budget share of `client`, the same for all its connections.
+    fn share(&self, client: IpAddr) -> Arc<Semaphore> {
+        let mut shares = self.shares.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(share) = shares.get(&client).and_then(Weak::upgrade) {
+            return share;
+        }
+        // Addresses without connections left hold nothing: forget them.
+        shares.retain(|_, s| s.strong_count() > 0);
+        let share = http::client_share(self.limits.body_budget_per_client);
+        shares.insert(client, Arc::downgrade(&share));
+        share
     }
 
     /// A request on connection `id` started (`+1`) or ended (`-1`).
@@ -405,6 +426,7 @@ pub async fn serve(listener: Listener, mut stop: watch::Receiver<bool>, drain_ti
         limits,
         table: Mutex::default(),
         metrics,
+        shares: Mutex::default(),
     });
     let budget = BodyBudget::new(limits.body_budget);
     let mut tasks = JoinSet::new();
@@ -486,6 +508,7 @@ impl Connection {
     ) {
         let _ = tcp.set_nodelay(true);
         let registry = self.registered.registry.clone();
+        service.budget = service.budget.for_client(registry.share(self.peer.ip()));
         match transport {
             Transport::Plain => {
                 if self.established(&registry) {
@@ -584,6 +607,7 @@ mod tests {
             limits,
             table: Mutex::default(),
             metrics: WebhookMetrics::new().connections.listener("https"),
+            shares: Mutex::default(),
         }
     }
 

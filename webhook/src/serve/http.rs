@@ -201,27 +201,73 @@ fn declared_too_large(headers: &HeaderMap) -> bool {
         .is_some_and(|n| n > MAX_BODY_BYTES as u64)
 }
 
-/// The bytes of request bodies all connections may be reading at once, so bodies arriving
+/// The bytes of request bodies being read at once: over all connections, so bodies arriving
 /// together (up to 3 MiB each, at most as many as there are streams) cannot take more memory
-/// than the process has. A body holds its share until its review is answered.
+/// than the process has, and from one client address, so one caller that sends bodies and
+/// stalls cannot hold all of it. A body holds its share until its review is answered.
 #[derive(Clone)]
-pub struct BodyBudget(Arc<Semaphore>);
+pub struct BodyBudget {
+    shared: Arc<Semaphore>,
+    client: Option<Arc<Semaphore>>,
+}
 
 impl BodyBudget {
     pub fn new(bytes: usize) -> Self {
-        BodyBudget(Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))))
+        BodyBudget {
+            shared: semaphore(bytes),
+            client: None,
+        }
     }
 
-    /// Bytes not taken by a body being read.
-    pub fn available(&self) -> usize {
-        self.0.available_permits()
+    /// The same budget, with `client`'s share (see [`client_share`]) taken first.
+    pub fn for_client(&self, client: Arc<Semaphore>) -> Self {
+        BodyBudget {
+            shared: self.shared.clone(),
+            client: Some(client),
+        }
     }
+
+    /// Whether a body would have to wait for its share now.
+    fn exhausted(&self) -> bool {
+        self.shared.available_permits() == 0
+            || self
+                .client
+                .as_ref()
+                .is_some_and(|c| c.available_permits() == 0)
+    }
+}
+
+fn semaphore(bytes: usize) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS)))
+}
+
+/// One client address's share of the budget.
+pub fn client_share(bytes: usize) -> Arc<Semaphore> {
+    semaphore(bytes)
 }
 
 /// A body read whole, and its share of the budget.
 struct Read {
     bytes: bytes::Bytes,
-    _held: Option<OwnedSemaphorePermit>,
+    _held: Vec<OwnedSemaphorePermit>,
+}
+
+/// Takes `n` bytes from `from`, adding them to what `held` already has from it.
+async fn take(
+    from: &Arc<Semaphore>,
+    n: u32,
+    held: &mut Option<OwnedSemaphorePermit>,
+) -> Result<(), RequestError> {
+    let permit = from
+        .clone()
+        .acquire_many_owned(n)
+        .await
+        .map_err(|_| RequestError::Busy)?;
+    match held {
+        Some(h) => h.merge(permit),
+        None => *held = Some(permit),
+    }
+    Ok(())
 }
 
 /// Reads a body of at most [`MAX_BODY_BYTES`], frame by frame, taking each frame's size from
@@ -230,7 +276,7 @@ struct Read {
 async fn collect(body: Body, budget: Option<BodyBudget>) -> Result<Read, RequestError> {
     let mut body = body;
     let mut bytes = bytes::BytesMut::new();
-    let mut held: Option<OwnedSemaphorePermit> = None;
+    let (mut client, mut shared) = (None, None);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| RequestError::Body(e.to_string()))?;
         let Ok(data) = frame.into_data() else {
@@ -241,22 +287,17 @@ async fn collect(body: Body, budget: Option<BodyBudget>) -> Result<Read, Request
         }
         if let Some(budget) = &budget {
             let n = u32::try_from(data.len()).map_err(|_| RequestError::TooLarge)?;
-            let permit = budget
-                .0
-                .clone()
-                .acquire_many_owned(n)
-                .await
-                .map_err(|_| RequestError::Busy)?;
-            match &mut held {
-                Some(h) => h.merge(permit),
-                None => held = Some(permit),
+            // The client's own share first: a caller at its share waits on itself only.
+            if let Some(own) = &budget.client {
+                take(own, n, &mut client).await?;
             }
+            take(&budget.shared, n, &mut shared).await?;
         }
         bytes.extend_from_slice(&data);
     }
     Ok(Read {
         bytes: bytes.freeze(),
-        _held: held,
+        _held: client.into_iter().chain(shared).collect(),
     })
 }
 
@@ -268,9 +309,9 @@ async fn read_body(
     if declared_too_large(headers) {
         return Err(RequestError::TooLarge);
     }
-    let waited_for_budget = budget.as_ref().is_some_and(|b| b.available() == 0);
+    let watched = budget.clone();
     match tokio::time::timeout(BODY_TIMEOUT, collect(body, budget)).await {
-        Err(_) if waited_for_budget => Err(RequestError::Busy),
+        Err(_) if watched.is_some_and(|b| b.exhausted()) => Err(RequestError::Busy),
         Err(_) => Err(RequestError::BodyTimeout(BODY_TIMEOUT.as_secs())),
         Ok(read) => read,
     }
