@@ -38,6 +38,8 @@ pub struct Pki {
     pub webhook_ca_cert: PathBuf,
     /// Signs the client certificate kube-apiserver shows the webhook (its --client-ca).
     pub webhook_client_ca: PathBuf,
+    /// Its key, so tests can forge a certificate of the right CA with the wrong name.
+    pub webhook_client_ca_key: PathBuf,
     /// kube-apiserver's --admission-control-config-file: which client certificate it
     /// presents to webhooks.
     pub admission_config: PathBuf,
@@ -55,6 +57,7 @@ impl Pki {
             service_account_pub: file("service-account.pub"),
             webhook_ca_cert: file("webhook-ca.crt"),
             webhook_client_ca: file("webhook-client-ca.crt"),
+            webhook_client_ca_key: file("webhook-client-ca.key"),
             admission_config: file("admission.yaml"),
         }
     }
@@ -127,6 +130,10 @@ pub fn kubeconfig_path(dir: &Path, who: Identity) -> PathBuf {
     dir.join(format!("{}.kubeconfig", who.file_stem()))
 }
 
+/// The name kube-apiserver's webhook client certificate carries, as deploy/overlays/mtls
+/// expects it (`--client-name`).
+pub const WEBHOOK_CLIENT_NAME: &str = "kube-apiserver-webhook-client";
+
 /// Generates everything into `<dir>/pki` and writes one kubeconfig per identity into `dir`.
 pub fn generate(dir: &Path, apiserver_url: &str) -> anyhow::Result<Pki> {
     let pki_dir = dir.join("pki");
@@ -154,8 +161,9 @@ pub fn generate(dir: &Path, apiserver_url: &str) -> anyhow::Result<Pki> {
 
     // kube-apiserver authenticates to the webhook with its own client certificate (mTLS).
     let client_ca = Ca::new("bulwark-e2e webhook client CA", DAYS)?;
-    let apiserver_client = client_ca.client("kube-apiserver-webhook-client", &[])?;
+    let apiserver_client = client_ca.client(WEBHOOK_CLIENT_NAME, &[])?;
     write_pem(&pki.webhook_client_ca, client_ca.cert_pem(), false)?;
+    write_pem(&pki.webhook_client_ca_key, client_ca.key_pem(), true)?;
     let b64 = |s: &str| BASE64.encode(s.as_bytes());
     let webhook_kubeconfig = pki_dir.join("webhook-client.kubeconfig");
     let users = serde_json::json!({

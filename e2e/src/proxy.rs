@@ -1,7 +1,14 @@
 //! A TCP forwarder on 127.0.0.1 for fault tests: in front of several webhook replicas it
-//! balances connections the way a Service does (round robin, skipping a backend that refuses
-//! the connection); in front of the API server it can cut every connection and refuse new
-//! ones, as a network partition would, and heal again.
+//! balances connections round robin; in front of the API server it can cut every connection
+//! and refuse new ones, as a network partition would, and heal again.
+//!
+//! Where it differs from a Service: a backend that refuses the connection is skipped and the
+//! next one tried. kube-proxy does not retry; a stopped replica leaves a Service when its
+//! endpoint goes (not ready, or terminating), and until kube-proxy has that update new
+//! connections to it fail. The skip stands in for that update, done at once: a test through
+//! this balancer shows that no admission is lost once the endpoint is gone, not during the
+//! second or so before it is (which a real rolling restart covers by draining: the old pod
+//! keeps serving after it leaves the endpoints, `--drain-seconds`).
 
 use std::{
     net::SocketAddr,

@@ -47,7 +47,7 @@ pub enum LogFormat {
 #[derive(Subcommand)]
 pub enum Command {
     /// Serve the mutating and validating admission webhooks over HTTPS.
-    Webhook(WebhookArgs),
+    Webhook(Box<WebhookArgs>),
     /// Watch node health; taint unhealthy nodes and mark them for removal (one acting
     /// replica, elected on a Lease).
     NodeController(NodeControllerArgs),
@@ -161,6 +161,11 @@ pub struct WebhookArgs {
     /// (kube-apiserver's, from its admission configuration); probes need none.
     #[arg(long)]
     client_ca: Option<PathBuf>,
+    /// With --client-ca, a name reviews may come from: the client certificate's subject CN
+    /// or one of its DNS SANs must equal one (repeatable). Without it any certificate of the
+    /// CA is accepted, so use a CA that signs nothing else.
+    #[arg(long = "client-name", requires = "client_ca")]
+    client_names: Vec<String>,
     /// YAML file with cluster defaults (see README).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -285,7 +290,7 @@ fn pod_name() -> Option<String> {
 impl Command {
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
-            Command::Webhook(args) => webhook(args).await,
+            Command::Webhook(args) => webhook(*args).await,
             Command::NodeController(args) => node_controller(args).await,
             Command::Certs(args) => certs(args).await,
             Command::Status(args) => status(args).await,
@@ -531,7 +536,12 @@ impl ManagedCertArgs {
 
 async fn webhook(args: WebhookArgs) -> anyhow::Result<()> {
     let config = load_config(args.config.as_ref())?;
-    let client_ca = args.client_ca.as_deref().map(ClientCa::load).transpose()?;
+    let client_ca = args
+        .client_ca
+        .as_deref()
+        .map(ClientCa::load)
+        .transpose()?
+        .map(|ca| ca.with_names(args.client_names));
     let client = if args.offline {
         None
     } else {
@@ -558,6 +568,7 @@ async fn webhook(args: WebhookArgs) -> anyhow::Result<()> {
         metrics_listen: Some(args.metrics_listen),
         reload_interval: Duration::from_secs(args.cert_reload_seconds.max(1)),
         drain_timeout: Duration::from_secs(args.drain_seconds),
+        limits: Default::default(),
     })
     .await?;
     shutdown_signal().await;

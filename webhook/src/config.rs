@@ -48,6 +48,7 @@ struct RawConfig {
     defaults: BTreeMap<String, Scalar>,
     cluster: Option<quota::RawCluster>,
     exempt_namespaces: Option<Vec<String>>,
+    system_namespaces: Option<Vec<String>>,
     workflow_labels: Option<Vec<String>>,
     workflow_reserved_share: Option<Scalar>,
     reservation_ttl_seconds: Option<Scalar>,
@@ -111,6 +112,9 @@ impl Config {
         let mut pods = PodRules::default();
         if let Some(ns) = raw.exempt_namespaces {
             pods.exempt_namespaces = ns;
+        }
+        if let Some(ns) = raw.system_namespaces {
+            pods.system_namespaces = ns;
         }
         if let Some(labels) = raw.workflow_labels {
             pods.workflow_labels = labels;
@@ -219,6 +223,7 @@ cluster:
   maxPendingPods: 1000
   pendingPerHealthyNode: 20
 exemptNamespaces: [kube-system, infra]
+systemNamespaces: [kube-system, node-agents]
 workflowLabels: [app.example.com/run]
 workflowReservedShare: 25%
 reservationTtlSeconds: 10
@@ -239,6 +244,7 @@ queueingClients: [system:serviceaccount:argo:argo-workflow-controller, ci-runner
         assert_eq!(q.cluster.pending_per_healthy_node, Some(20));
         assert!(pods.is_exempt_namespace("infra"));
         assert!(!pods.is_exempt_namespace("bulwark-system"));
+        assert!(pods.is_system_namespace("node-agents") && !pods.is_system_namespace("infra"));
         assert_eq!(
             pods.workflow_labels,
             vec!["app.example.com/run".to_string()]

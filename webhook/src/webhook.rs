@@ -18,6 +18,7 @@ use crate::{
     review::{self, answer::Admitter, answer::Answered, wire::ReviewError},
     serve::{
         self, Running, ServeOptions, ServerError,
+        conn::Limits,
         http::{Endpoint, Service},
         managed::sync::{ManagedOptions, SyncError},
         tls::{CertStore, ClientCa, TlsError},
@@ -53,7 +54,8 @@ pub struct WebhookOptions {
     /// The API server; `None` runs offline (policy from the settings, counts from this
     /// process's own admissions).
     pub client: Option<kube::Client>,
-    /// The webhook's own namespace: always exempt, and where its peers' Service is.
+    /// The webhook's own namespace: always exempt and a system namespace, and where its
+    /// peers' Service is.
     pub own_namespace: Option<String>,
     /// This replica's name in Events (its pod's).
     pub identity: Option<String>,
@@ -65,6 +67,8 @@ pub struct WebhookOptions {
     pub metrics_listen: Option<SocketAddr>,
     pub reload_interval: Duration,
     pub drain_timeout: Duration,
+    /// Connection limits of the HTTPS listener; the default in production.
+    pub limits: Limits,
 }
 
 /// The webhook's decision parts, wired together.
@@ -83,10 +87,7 @@ impl Webhook {
     /// webhook is ready at once.
     pub fn new(settings: review::Settings, offline: bool) -> Webhook {
         let settings = Arc::new(settings);
-        let cache = Arc::new(Cache::new(
-            settings.defaults.clone(),
-            settings.pods.workflow_labels.clone(),
-        ));
+        let cache = Arc::new(Cache::new(settings.defaults.clone(), settings.pods.clone()));
         let ledger = Arc::new(Ledger::new(settings.quota.reservation_ttl, Instant::now()));
         let metrics = Arc::new(WebhookMetrics::new());
         let admitter = Admitter::new(
@@ -141,7 +142,7 @@ impl Webhook {
     pub async fn start(opts: WebhookOptions) -> Result<Started, StartError> {
         let mut settings = opts.settings;
         if let Some(ns) = &opts.own_namespace {
-            settings.pods.exempt(ns);
+            settings.pods.own_namespace(ns);
         }
         let webhook = Webhook::new(settings, opts.client.is_none());
         let certs = match (opts.certificates, &opts.client) {
@@ -195,7 +196,10 @@ impl Webhook {
         let running = serve::start(
             webhook.service.clone(),
             Arc::new(webhook.clone()),
-            webhook.metrics.tls.clone(),
+            (
+                webhook.metrics.tls.clone(),
+                webhook.metrics.connections.clone(),
+            ),
             ServeOptions {
                 listen: opts.listen,
                 metrics_listen: opts.metrics_listen,
@@ -203,6 +207,7 @@ impl Webhook {
                 client_ca: opts.client_ca,
                 reload_interval: opts.reload_interval,
                 drain_timeout: opts.drain_timeout,
+                limits: opts.limits,
             },
         )
         .await?;

@@ -11,7 +11,10 @@ use std::{
 
 use bulwark::{
     cluster::cache::{Cache, PodEntry, PodState},
-    policy::Policy,
+    policy::{
+        Policy,
+        pod::{Held, PodRules},
+    },
     quota::{
         ClusterLimits,
         decide::{Ask, Limits},
@@ -96,7 +99,7 @@ impl World {
         let now = Instant::now();
         World {
             now,
-            cache: Cache::new(Policy::default(), vec![]),
+            cache: Cache::new(Policy::default(), PodRules::default()),
             ledger: Ledger::new(TTL, now),
             limits: Limits {
                 cluster: ClusterLimits {
@@ -123,7 +126,7 @@ impl World {
         p.shown = true;
         let entry = PodEntry {
             state: p.state,
-            pending_exempt: false,
+            held: Held::All,
             workflow: p.wf.map(|w| Arc::from(WORKFLOWS[w])),
         };
         let ns = NAMESPACES[p.ns];
@@ -159,6 +162,7 @@ impl World {
             ask,
             commit,
             joins_line: true,
+            unknown_namespace: false,
         };
         let admitted = self
             .ledger

@@ -259,8 +259,10 @@ impl State {
                 "--ca-retire-seconds=3".into(),
                 // The rate is shared among the ready endpoints of this Service (a test makes some).
                 "--peers-service=bulwark-webhook".into(),
-                // Reviews only from kube-apiserver's client certificate.
+                // Reviews only from kube-apiserver's client certificate, by its name, as
+                // deploy/overlays/mtls runs it.
                 format!("--client-ca={}", d(&p.webhook_client_ca)),
+                format!("--client-name={}", pki::WEBHOOK_CLIENT_NAME),
                 format!("--config={}", d(&self.dir.join("bulwark.yaml"))),
                 format!("--kubeconfig={}", kubeconfig(Identity::Webhook)),
             ],

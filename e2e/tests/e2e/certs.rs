@@ -11,8 +11,9 @@ use std::{
 
 use anyhow::{Context, ensure};
 use bulwark_e2e::{
-    cluster::WEBHOOK_SECRET,
+    cluster::{WEBHOOK_SECRET, deploy_dir},
     objects::{BULWARK_NAMESPACE, WEBHOOK_CONFIGURATION},
+    pki::WEBHOOK_CLIENT_NAME,
 };
 use k8s_openapi::api::{
     admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration},
@@ -26,14 +27,29 @@ use crate::support::{Ctx, eventually, pod};
 /// Sends `request` (HTTP/1.1) over TLS to 127.0.0.1:`port`, verifying the server against
 /// `ca_bundle` and presenting no client certificate; the leaf served and the raw reply.
 fn https_exchange(port: u16, ca_bundle: &str, request: &[u8]) -> anyhow::Result<(Vec<u8>, String)> {
-    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    https_exchange_as(port, ca_bundle, None, request)
+}
+
+/// [`https_exchange`] presenting `identity` (a certificate and key) as the client certificate.
+pub fn https_exchange_as(
+    port: u16,
+    ca_bundle: &str,
+    identity: Option<&bulwark_certs::Pair>,
+    request: &[u8],
+) -> anyhow::Result<(Vec<u8>, String)> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_bundle.as_bytes()) {
         roots.add(cert?)?;
     }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match identity {
+        None => config.with_no_client_auth(),
+        Some(pair) => config.with_client_auth_cert(
+            CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes()).collect::<Result<_, _>>()?,
+            PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes())?,
+        )?,
+    };
     let name = ServerName::try_from("127.0.0.1")?.to_owned();
     let mut conn = rustls::ClientConnection::new(Arc::new(config), name)?;
     let mut sock = TcpStream::connect(("127.0.0.1", port))?;
@@ -61,6 +77,31 @@ pub fn served_certificate(port: u16, ca_bundle: &str) -> anyhow::Result<Vec<u8>>
 pub async fn only_the_api_server_may_send_reviews(ctx: &mut Ctx) -> anyhow::Result<()> {
     // Every admission in these tests comes through kube-apiserver, which presents its client
     // certificate; anyone else without one is refused, while probes stay open.
+    //
+    // What this checks of the shipped configuration: the webhook here runs with the
+    // --client-ca and --client-name flags of deploy/overlays/mtls (the same name, read from
+    // the overlay's rendering), and kube-apiserver's client certificate carries that name. The
+    // paths differ (the overlay mounts a Secret; here the file is on disk), and so does how the
+    // API server is told to present it (here e2e/src/pki.rs writes its admission configuration).
+    let overlay = deploy_dir().join("overlays/mtls").display().to_string();
+    let rendered = ctx.kubectl(&["kustomize", &overlay], None).await?;
+    ensure!(rendered.success, "kustomize mtls: {}", rendered.stderr);
+    let shipped: Vec<&str> = rendered
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- --client-name="))
+        .collect();
+    ensure!(
+        shipped == [WEBHOOK_CLIENT_NAME],
+        "the overlay's --client-name {shipped:?} is not the name kube-apiserver's certificate \
+         carries here ({WEBHOOK_CLIENT_NAME})"
+    );
+    ensure!(
+        rendered
+            .stdout
+            .contains("- --client-ca=/etc/bulwark/client-ca/ca.crt"),
+        "the overlay does not pass --client-ca"
+    );
     let ca = stored(ctx).await?.ca;
     let port = ctx.state().ports.webhook;
     let body = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).to_string();

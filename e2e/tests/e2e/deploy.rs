@@ -37,6 +37,7 @@ async fn renderings(ctx: &Ctx) -> anyhow::Result<(Vec<Rendering>, Vec<Rendering>
             "kustomize removal-cluster-api",
             "overlays/removal-cluster-api",
         ),
+        ("kustomize mtls", "overlays/mtls"),
     ] {
         let dir = deploy.join(dir).display().to_string();
         let out = ctx.kubectl(&["kustomize", &dir], None).await?;
@@ -70,6 +71,7 @@ async fn renderings(ctx: &Ctx) -> anyhow::Result<(Vec<Rendering>, Vec<Rendering>
             "helm removal=cluster-api",
             Some("nodeController.removal=cluster-api"),
         ),
+        ("helm clientAuth", Some("webhook.clientAuth.enabled=true")),
     ] {
         let mut cmd = tokio::process::Command::new(ctx.state().helm());
         cmd.args(["template", "bulwark", &chart]);

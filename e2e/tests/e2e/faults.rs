@@ -65,6 +65,8 @@ pub async fn webhook_restart_under_load_loses_no_admission(ctx: &mut Ctx) -> any
     result
 }
 
+/// Relies on the balancer skipping a stopped replica at once (see `bulwark_e2e::proxy`): a
+/// Service takes it out when its endpoint goes, a moment later.
 async fn restart_body(ctx: &mut Ctx, balancer: &Proxy) -> anyhow::Result<()> {
     let load = steady_load(ctx, "restart").await?;
 

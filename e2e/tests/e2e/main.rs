@@ -10,6 +10,7 @@
 //! what they exercise.
 
 mod admission;
+mod callers;
 mod cert_rotation;
 mod certs;
 mod deploy;
@@ -37,6 +38,11 @@ use admission::{
     refusal_is_429_with_retry_after,
 };
 use bulwark_e2e::{Cluster, Options};
+use callers::{
+    a_tenants_system_critical_pod_is_throttled_like_any_other,
+    forged_reviews_are_refused_and_consume_nothing,
+    thousands_of_idle_connections_leave_pod_creation_working,
+};
 use cert_rotation::self_managed_certificates_rotate_without_failed_admissions;
 use certs::{
     a_dropped_ca_bundle_is_restored, certs_cli_sets_the_ca_bundle,
@@ -100,6 +106,9 @@ fn tests() -> Vec<(&'static str, TestFn)> {
         a_dropped_ca_bundle_is_restored,
         certs_cli_sets_the_ca_bundle,
         only_the_api_server_may_send_reviews,
+        forged_reviews_are_refused_and_consume_nothing,
+        thousands_of_idle_connections_leave_pod_creation_working,
+        a_tenants_system_critical_pod_is_throttled_like_any_other,
         replicas_share_the_namespace_rate,
         webhook_restart_under_load_loses_no_admission,
         a_failing_watch_opens_count_quotas_after_the_limit,

@@ -225,7 +225,8 @@ async fn dry_run_consumes_nothing() {
 
 #[tokio::test]
 async fn exempt_namespaces_pods_and_other_kinds_pass() {
-    let server = TestServer::start(&format!("{QUIET}  maxPods: 0\n")).await;
+    let config = format!("{QUIET}  maxPods: 0\nsystemNamespaces: [kube-system, infra]\n");
+    let server = TestServer::start(&config).await;
     let client = server.client(Proto::H2);
     let url = server.url("/validate");
     assert_eq!(
@@ -236,12 +237,18 @@ async fn exempt_namespaces_pods_and_other_kinds_pass() {
         response(&server.validate_pod(&client, "kube-system", "p").await)["allowed"],
         true
     );
-    let mut critical = pod("c", "ci");
-    critical["spec"]["priorityClassName"] = json!("system-cluster-critical");
-    assert_eq!(
-        response(&post(&client, &url, &pod_review("u", "ci", critical, false)).await)["allowed"],
-        true
-    );
+    // A system-critical priority exempts a pod only in a system namespace: any tenant may
+    // name the class.
+    for (namespace, exempt) in [("infra", true), ("ci", false)] {
+        let mut critical = pod("c", namespace);
+        critical["spec"]["priorityClassName"] = json!("system-cluster-critical");
+        let review = pod_review("u", namespace, critical, false);
+        assert_eq!(
+            response(&post(&client, &url, &review).await)["allowed"],
+            exempt,
+            "{namespace}"
+        );
+    }
 
     let mut cm = pod_review(
         "u-cm",

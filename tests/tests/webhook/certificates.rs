@@ -177,3 +177,68 @@ async fn with_a_client_ca_reviews_need_its_client_certificate() {
     assert!(err.to_string().contains("empty.crt"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With --client-name, a certificate of the right CA that names someone else (here a
+/// kubelet's, as a cluster CA would sign) is refused with 403 before its body is read, and
+/// takes nothing: the API server's next review still has the namespace's whole burst.
+#[tokio::test]
+async fn a_client_certificate_with_the_wrong_name_is_refused_and_consumes_nothing() {
+    let api_ca = bulwark_certs::Ca::new("cluster CA", 1).expect("ca");
+    let dir = temp_dir("client-names");
+    let ca_path = dir.join("client-ca.crt");
+    std::fs::write(&ca_path, api_ca.cert_pem()).expect("write CA");
+    let client_ca = bulwark::serve::tls::ClientCa::load(&ca_path)
+        .expect("load client CA")
+        .with_names(vec!["kube-apiserver-webhook-client".into()]);
+    let config = "defaults:\n  podRate: 1/h\n  podBurst: 1\n";
+    let server = TestServer::start_with(config, Some(client_ca)).await;
+    let review = |uid: &str| pod_review(uid, "ci", pod(uid, "ci"), false);
+
+    let kubelet = api_ca
+        .client("system:node:worker-1", &["system:nodes"])
+        .expect("client cert");
+    let forged = mtls_client(&server, Some(&kubelet));
+    for n in 0..5 {
+        let reply = post(&forged, &server.url("/validate"), &review(&format!("f{n}"))).await;
+        assert_eq!(reply.status, 403, "{}", reply.text());
+        assert!(
+            reply.text().contains("names system:node:worker-1"),
+            "{}",
+            reply.text()
+        );
+    }
+    let apiserver = api_ca
+        .client("kube-apiserver-webhook-client", &[])
+        .expect("client cert");
+    let real = mtls_client(&server, Some(&apiserver));
+    let reply = post(&real, &server.url("/validate"), &review("real")).await;
+    assert_eq!(
+        response(&reply)["allowed"],
+        true,
+        "the burst of 1 was still there"
+    );
+    let reply = post(&real, &server.url("/validate"), &review("second")).await;
+    assert_eq!(response(&reply)["status"]["code"], 429, "and it was 1");
+    assert_eq!(metric(&server, "bulwark_reviews_authenticated").await, 1.0);
+    assert_eq!(
+        server
+            .webhook
+            .metrics()
+            .admission
+            .refusals
+            .with_label_values(&["rate", "enforce"])
+            .get(),
+        1
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn without_a_client_ca_the_metrics_say_reviews_are_not_authenticated() {
+    let server = TestServer::start(QUIET).await;
+    assert!(
+        scrape(&server)
+            .await
+            .contains("bulwark_reviews_authenticated 0")
+    );
+}

@@ -12,7 +12,7 @@ use std::{
 use bulwark::{
     config::Config,
     review::fixtures::Fixture,
-    serve::tls::ClientCa,
+    serve::{conn::Limits, tls::ClientCa},
     webhook::{Certificates, Started, Webhook, WebhookOptions},
 };
 use bytes::Bytes;
@@ -73,6 +73,16 @@ impl TestServer {
     /// With `client_ca`, reviews need a client certificate it signed (mTLS). Started offline
     /// through the same entry `bulwark webhook` uses.
     pub async fn start_with(config_yaml: &str, client_ca: Option<ClientCa>) -> TestServer {
+        TestServer::start_limited(config_yaml, client_ca, Limits::default()).await
+    }
+
+    /// [`TestServer::start_with`] with connection limits other than production's (short
+    /// timeouts, small bounds), so a test need not wait minutes or open thousands.
+    pub async fn start_limited(
+        config_yaml: &str,
+        client_ca: Option<ClientCa>,
+        limits: Limits,
+    ) -> TestServer {
         let dir = temp_dir("server");
         let ca_pem = write_certs(&dir);
         let config = Config::parse(config_yaml, "test config").expect("config");
@@ -91,6 +101,7 @@ impl TestServer {
             metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
             reload_interval: Duration::from_millis(50),
             drain_timeout: Duration::from_secs(5),
+            limits,
         })
         .await
         .expect("server starts");
@@ -141,6 +152,17 @@ pub fn connector_as(
     proto: Proto,
     identity: Option<&bulwark_certs::Pair>,
 ) -> Connector {
+    connector_from(cas, proto, identity, None)
+}
+
+/// [`connector_as`], connecting from the local address `source` if given (e.g. 127.0.0.2,
+/// to be another client than the tests' 127.0.0.1).
+pub fn connector_from(
+    cas: &[&str],
+    proto: Proto,
+    identity: Option<&bulwark_certs::Pair>,
+    source: Option<std::net::IpAddr>,
+) -> Connector {
     let mut roots = rustls::RootCertStore::empty();
     for ca in cas {
         for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
@@ -164,12 +186,15 @@ pub fn connector_as(
             tls.with_client_auth_cert(chain, key).expect("client cert")
         }
     };
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_local_address(source);
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only();
     match proto {
-        Proto::H2 => builder.enable_http2().build(),
-        Proto::Http1 => builder.enable_http1().build(),
+        Proto::H2 => builder.enable_http2().wrap_connector(http),
+        Proto::Http1 => builder.enable_http1().wrap_connector(http),
     }
 }
 
@@ -293,6 +318,14 @@ pub fn response(reply: &Reply) -> Value {
     assert_eq!(v["apiVersion"], "admission.k8s.io/v1");
     assert_eq!(v["kind"], "AdmissionReview");
     v["response"].clone()
+}
+
+/// The value of the metric line that starts with `series` (name and labels) on `/metrics`.
+pub async fn metric(server: &TestServer, series: &str) -> f64 {
+    let page = scrape(server).await;
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The server's `/metrics` page, read over plain HTTP/1.0 from its metrics listener.

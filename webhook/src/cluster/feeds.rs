@@ -68,7 +68,7 @@ impl Index<Pod> for Pods {
         ) else {
             return;
         };
-        let entry = PodEntry::from_pod(&pod, self.cache.workflow_labels());
+        let entry = PodEntry::from_pod(&pod, self.cache.rules());
         if self.cache.apply_pod(ns, name, entry, now) {
             self.ledger.observe_created(ns, name);
         }
@@ -84,7 +84,7 @@ impl Index<Pod> for Pods {
     }
 
     fn listed(&mut self, pod: Pod, _now: Instant) -> Option<Self::Listed> {
-        let entry = PodEntry::from_pod(&pod, self.cache.workflow_labels());
+        let entry = PodEntry::from_pod(&pod, self.cache.rules());
         Some((pod.metadata.namespace?, pod.metadata.name?, entry))
     }
 

@@ -59,7 +59,8 @@ async fn metrics(State(scrape): State<Arc<dyn Scrape>>) -> impl IntoResponse {
 }
 
 /// Binds `addr` and serves [`router`] until `shutdown` resolves; returns the bound address
-/// and the serving task.
+/// and the serving task. The webhook serves its metrics through its own bounded connection
+/// path instead (`serve::conn`).
 pub async fn serve(
     addr: SocketAddr,
     scrape: Arc<dyn Scrape>,

@@ -14,6 +14,11 @@ use crate::policy::{Policy, Problem};
 pub trait ClusterView: Send + Sync {
     /// The parsed policy of a namespace the cache knows.
     fn namespace(&self, name: &str) -> Option<Arc<NamespaceInfo>>;
+    /// Whether every namespace of the cluster has been listed, so one that
+    /// [`ClusterView::namespace`] does not know is new or made up. False offline.
+    fn namespaces_listed(&self) -> bool {
+        false
+    }
     /// Live and pending pods of a namespace, and whether `workflow` already has pods there.
     fn pod_counts(&self, namespace: &str, workflow: Option<&str>, now: Instant) -> PodCounts;
     /// Pods not yet running in the whole cluster (DaemonSet and mirror pods left out).

@@ -42,6 +42,8 @@ struct Subject<'r> {
     pod: &'r Pod,
     ns: &'r str,
     info: Arc<NamespaceInfo>,
+    /// The cluster does not show the namespace (see `Request::unknown_namespace`).
+    unknown: bool,
 }
 
 pub struct Admitter {
@@ -95,11 +97,20 @@ impl Admitter {
         if self.settings.pods.is_exempt_namespace(ns) {
             return Err(answered("allowed", "exempt_namespace"));
         }
-        let info = self
-            .view
-            .namespace(ns)
-            .unwrap_or_else(|| self.default_namespace.clone());
-        Ok(Subject { req, pod, ns, info })
+        let (info, unknown) = match self.view.namespace(ns) {
+            Some(info) => (info, false),
+            None => (
+                self.default_namespace.clone(),
+                self.view.namespaces_listed(),
+            ),
+        };
+        Ok(Subject {
+            req,
+            pod,
+            ns,
+            info,
+            unknown,
+        })
     }
 
     /// `POST /mutate`: default requests and limits.
@@ -138,7 +149,13 @@ impl Admitter {
     /// `POST /validate`: rate and count quotas.
     pub fn validate(&self, review: &Review, now: Instant) -> (AdmissionResponse, Answered) {
         let mut allow = review.allow();
-        let Subject { req, pod, ns, info } = match self.subject(review) {
+        let Subject {
+            req,
+            pod,
+            ns,
+            info,
+            unknown,
+        } = match self.subject(review) {
             Ok(found) => found,
             Err(o) => return (allow, o),
         };
@@ -160,8 +177,8 @@ impl Admitter {
                 answered("allowed", "mode_off"),
             );
         }
-        let facts = self.settings.pods.facts(pod);
-        if let Some(why) = facts.exempt {
+        let facts = self.settings.pods.facts(pod, ns);
+        if let Some(why) = facts.exempt() {
             tracing::debug!(namespace = ns, why, "exempt pod");
             return (
                 with_warnings(allow, warnings),
@@ -175,9 +192,19 @@ impl Admitter {
         } else {
             Commit::Enforce
         };
-        let name = pod.metadata.name.as_deref().or(Some(req.name.as_str()));
+        let name = pod.metadata.name.as_deref().unwrap_or(req.name.as_str());
+        if let Some(what) = self.settings.pods.oversized_name(pod, ns, name) {
+            // No such pod can be created, so admitting it admits nothing; keeping it would let
+            // a forged review store what it likes.
+            tracing::debug!(what, "review of a pod whose names Kubernetes would refuse");
+            return (
+                with_warnings(allow, warnings),
+                answered("allowed", "impossible_name"),
+            );
+        }
+        let name = Some(name);
         let ask = Ask {
-            pending_exempt: facts.pending_exempt,
+            pending_exempt: facts.pending_exempt(),
             workflow: facts.workflow.as_deref(),
         };
         let stale = self.view.stale(self.settings.quota.cache_stale_limit, now);
@@ -197,6 +224,7 @@ impl Admitter {
             commit,
             // Only a client told when to come back waits in line for that time.
             joins_line: form == RefusalForm::RetryAfter,
+            unknown_namespace: unknown,
         };
         let result = self.ledger.admit(&*self.view, &request, &limits, now);
         let Err(refusal) = result else {
@@ -246,7 +274,10 @@ mod tests {
     use crate::{
         cluster::cache::{Cache, PodEntry, PodState, Watched},
         metrics::webhook::WebhookMetrics,
-        policy::Policy,
+        policy::{
+            Policy,
+            pod::{Held, PodRules},
+        },
         quota::{self, ClusterLimits},
         review::{caller::QueueingClients, fixtures::Fixture, wire::decode},
     };
@@ -274,7 +305,7 @@ mod tests {
             ..Settings::default()
         };
         let t = Instant::now();
-        let cache = Arc::new(Cache::new(settings.defaults.clone(), vec![]));
+        let cache = Arc::new(Cache::new(settings.defaults.clone(), settings.pods.clone()));
         let admitter = Admitter::new(
             Arc::new(settings),
             cache.clone(),
@@ -320,7 +351,7 @@ mod tests {
             queueing,
             ..Settings::default()
         };
-        let cache = Arc::new(Cache::new(policy, vec![]));
+        let cache = Arc::new(Cache::new(policy, PodRules::default()));
         let admitter = Admitter::new(
             Arc::new(settings),
             cache.clone(),
@@ -395,7 +426,7 @@ mod tests {
             let name = format!("started-{i}");
             let entry = |state| PodEntry {
                 state,
-                pending_exempt: false,
+                held: Held::All,
                 workflow: None,
             };
             cache.apply_pod("ci", &name, entry(PodState::Pending), t);
@@ -460,5 +491,86 @@ mod tests {
                 .due(t + Duration::from_secs(1), 10)
                 .is_empty()
         );
+    }
+
+    fn in_namespace(namespace: &str, uid: &str, spec: serde_json::Value) -> Review {
+        let mut f = Fixture::pod_create()
+            .uid(uid)
+            .name(uid)
+            .namespace(namespace);
+        if let Some(obj) = f.object_mut()["spec"].as_object_mut() {
+            obj.extend(spec.as_object().cloned().unwrap_or_default());
+        }
+        decode(&f.bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_tenants_system_critical_pod_is_held_to_its_limits() {
+        let full = Policy {
+            rate: None,
+            max_pods: Some(0),
+            ..Policy::default()
+        };
+        let settings = Settings {
+            defaults: full.clone(),
+            pods: PodRules {
+                exempt_namespaces: vec![],
+                ..PodRules::default()
+            },
+            ..Settings::default()
+        };
+        let cache = Arc::new(Cache::new(full, settings.pods.clone()));
+        let a = Admitter::new(
+            Arc::new(settings),
+            cache,
+            Arc::new(Ledger::new(Duration::from_secs(600), Instant::now())),
+            WebhookMetrics::new().admission,
+        );
+        let t = Instant::now();
+        let critical = serde_json::json!({"priorityClassName": "system-cluster-critical"});
+        let (resp, o) = a.validate(&in_namespace("tenant", "c", critical.clone()), t);
+        assert!(!resp.allowed && o.reason == "max_pods", "{o:?}");
+        // In a system namespace the same pod is exempt.
+        let (resp, o) = a.validate(&in_namespace("kube-system", "c", critical), t);
+        assert!(resp.allowed && o.reason == "exempt_pod", "{o:?}");
+    }
+
+    #[test]
+    fn names_kubernetes_would_refuse_are_admitted_and_nothing_is_kept() {
+        let (a, _) = admitter_and_cache(Policy::default(), QueueingClients::default());
+        let t = Instant::now();
+        let long_ns = "n".repeat(64);
+        let (resp, o) = a.validate(&in_namespace(&long_ns, "p", serde_json::json!({})), t);
+        assert!(resp.allowed && o.reason == "impossible_name", "{o:?}");
+        let long_name = decode(
+            &Fixture::pod_create()
+                .uid("u")
+                .name(&"p".repeat(254))
+                .bytes(),
+        )
+        .unwrap();
+        let (resp, o) = a.validate(&long_name, t);
+        assert!(resp.allowed && o.reason == "impossible_name", "{o:?}");
+        assert_eq!(a.ledger.reserved(), 0);
+        let (_, o) = a.validate(&review("fine"), t);
+        assert_eq!(o.reason, "ok");
+        assert_eq!(a.ledger.reserved(), 1);
+    }
+
+    #[test]
+    fn once_namespaces_are_listed_an_unknown_one_goes_to_the_strangers_table() {
+        let (a, cache) = admitter_and_cache(Policy::default(), QueueingClients::default());
+        let t = Instant::now();
+        let (_, o) = a.validate(&review("before"), t);
+        assert_eq!(o.reason, "ok");
+        assert_eq!(
+            a.ledger.strangers_held(),
+            0,
+            "not listed yet: the known table"
+        );
+        cache.mark_synced(Watched::Namespaces, t);
+        let (resp, o) = a.validate(&in_namespace("made-up", "p", serde_json::json!({})), t);
+        assert!(resp.allowed && o.reason == "ok", "{o:?}");
+        assert_eq!(a.ledger.strangers_held(), 1);
     }
 }

@@ -18,9 +18,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::conn::ClientCert;
+use super::tls::ClientCert;
 use crate::{
     metrics::webhook::AdmissionMetrics,
     review::{
@@ -47,6 +48,10 @@ pub enum RequestError {
     Body(String),
     #[error("a client certificate signed by the --client-ca is required for reviews")]
     Unauthenticated,
+    #[error("the client certificate names {0}, none of the --client-name reviews may come from")]
+    WrongClient(String),
+    #[error("too many request bodies being read; retry")]
+    Busy,
 }
 
 impl RequestError {
@@ -58,6 +63,8 @@ impl RequestError {
             RequestError::BodyTimeout(_) => "body_timeout",
             RequestError::Body(_) => "body",
             RequestError::Unauthenticated => "unauthenticated",
+            RequestError::WrongClient(_) => "wrong_client",
+            RequestError::Busy => "busy",
         }
     }
 }
@@ -66,6 +73,8 @@ impl IntoResponse for RequestError {
     fn into_response(self) -> Response {
         let (status, text) = match self {
             RequestError::Unauthenticated => (StatusCode::UNAUTHORIZED, format!("{self}\n")),
+            RequestError::WrongClient(_) => (StatusCode::FORBIDDEN, format!("{self}\n")),
+            RequestError::Busy => (StatusCode::SERVICE_UNAVAILABLE, format!("{self}\n")),
             _ => (
                 StatusCode::BAD_REQUEST,
                 format!("bad AdmissionReview: {self}\n"),
@@ -192,30 +201,141 @@ fn declared_too_large(headers: &HeaderMap) -> bool {
         .is_some_and(|n| n > MAX_BODY_BYTES as u64)
 }
 
-async fn read_body(headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, RequestError> {
+/// The bytes of request bodies being read at once: over all connections, so bodies arriving
+/// together (up to 3 MiB each, at most as many as there are streams) cannot take more memory
+/// than the process has, and from one client address, so one caller that sends bodies and
+/// stalls cannot hold all of it. A body holds its share until its review is answered.
+#[derive(Clone)]
+pub struct BodyBudget {
+    shared: Arc<Semaphore>,
+    client: Option<Arc<Semaphore>>,
+}
+
+impl BodyBudget {
+    pub fn new(bytes: usize) -> Self {
+        BodyBudget {
+            shared: semaphore(bytes),
+            client: None,
+        }
+    }
+
+    /// The same budget, with `client`'s share (see [`client_share`]) taken first.
+    pub fn for_client(&self, client: Arc<Semaphore>) -> Self {
+        BodyBudget {
+            shared: self.shared.clone(),
+            client: Some(client),
+        }
+    }
+
+    /// Whether a body would have to wait for its share now.
+    fn exhausted(&self) -> bool {
+        self.shared.available_permits() == 0
+            || self
+                .client
+                .as_ref()
+                .is_some_and(|c| c.available_permits() == 0)
+    }
+}
+
+fn semaphore(bytes: usize) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS)))
+}
+
+/// One client address's share of the budget.
+pub fn client_share(bytes: usize) -> Arc<Semaphore> {
+    semaphore(bytes)
+}
+
+/// A body read whole, and its share of the budget.
+struct Read {
+    bytes: bytes::Bytes,
+    _held: Vec<OwnedSemaphorePermit>,
+}
+
+/// Takes `n` bytes from `from`, adding them to what `held` already has from it.
+async fn take(
+    from: &Arc<Semaphore>,
+    n: u32,
+    held: &mut Option<OwnedSemaphorePermit>,
+) -> Result<(), RequestError> {
+    let permit = from
+        .clone()
+        .acquire_many_owned(n)
+        .await
+        .map_err(|_| RequestError::Busy)?;
+    match held {
+        Some(h) => h.merge(permit),
+        None => *held = Some(permit),
+    }
+    Ok(())
+}
+
+/// Reads a body of at most [`MAX_BODY_BYTES`], frame by frame, taking each frame's size from
+/// the budget before keeping it: a chunked body is cut off where it passes the limit, however
+/// it was declared.
+async fn collect(body: Body, budget: Option<BodyBudget>) -> Result<Read, RequestError> {
+    let mut body = body;
+    let mut bytes = bytes::BytesMut::new();
+    let (mut client, mut shared) = (None, None);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| RequestError::Body(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if bytes.len() + data.len() > MAX_BODY_BYTES {
+            return Err(RequestError::TooLarge);
+        }
+        if let Some(budget) = &budget {
+            let n = u32::try_from(data.len()).map_err(|_| RequestError::TooLarge)?;
+            // The client's own share first: a caller at its share waits on itself only.
+            if let Some(own) = &budget.client {
+                take(own, n, &mut client).await?;
+            }
+            take(&budget.shared, n, &mut shared).await?;
+        }
+        bytes.extend_from_slice(&data);
+    }
+    Ok(Read {
+        bytes: bytes.freeze(),
+        _held: client.into_iter().chain(shared).collect(),
+    })
+}
+
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    budget: Option<BodyBudget>,
+) -> Result<Read, RequestError> {
     if declared_too_large(headers) {
         return Err(RequestError::TooLarge);
     }
-    let collect = Limited::new(body, MAX_BODY_BYTES).collect();
-    match tokio::time::timeout(BODY_TIMEOUT, collect).await {
+    let watched = budget.clone();
+    match tokio::time::timeout(BODY_TIMEOUT, collect(body, budget)).await {
+        Err(_) if watched.is_some_and(|b| b.exhausted()) => Err(RequestError::Busy),
         Err(_) => Err(RequestError::BodyTimeout(BODY_TIMEOUT.as_secs())),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(RequestError::TooLarge),
-        Ok(Err(e)) => Err(RequestError::Body(e.to_string())),
+        Ok(read) => read,
     }
 }
 
 async fn review(service: &Service, endpoint: Endpoint, req: Request) -> Response {
     let start = Instant::now();
     let (parts, body) = req.into_parts();
-    if parts.extensions.get::<ClientCert>() == Some(&ClientCert::Absent) {
-        return service.refused(endpoint, RequestError::Unauthenticated);
+    // Refused before the body is read: a caller that is not the API server consumes nothing.
+    match parts.extensions.get::<ClientCert>() {
+        None | Some(ClientCert::Verified) => {}
+        Some(ClientCert::Absent) => {
+            return service.refused(endpoint, RequestError::Unauthenticated);
+        }
+        Some(ClientCert::WrongName(names)) => {
+            return service.refused(endpoint, RequestError::WrongClient(names.clone()));
+        }
     }
-    let body = match read_body(&parts.headers, body).await {
-        Ok(bytes) => bytes,
+    let budget = parts.extensions.get::<BodyBudget>().cloned();
+    let body = match read_body(&parts.headers, body, budget).await {
+        Ok(read) => read,
         Err(e) => return service.refused(endpoint, e),
     };
-    let (answer, answered) = match service.answer(endpoint, &body, Instant::now()) {
+    let (answer, answered) = match service.answer(endpoint, &body.bytes, Instant::now()) {
         Ok(done) => done,
         Err(e) => return service.refused(endpoint, e.into()),
     };

@@ -1,6 +1,7 @@
 //! Serving: the HTTPS review and probe routes ([`http`]), connections and drain ([`conn`]),
 //! the served certificate and its reload ([`tls`]), self-managed certificates kept in a
-//! Secret ([`managed`]), and the plain-HTTP metrics listener.
+//! Secret ([`managed`]), and the plain-HTTP metrics listener, served by the same connection
+//! path with its own limits.
 
 pub mod conn;
 pub mod http;
@@ -12,7 +13,11 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::metrics::{Scrape, webhook::TlsMetrics};
+use crate::metrics::{
+    Scrape,
+    webhook::{ConnMetrics, TlsMetrics},
+};
+use conn::{Limits, Listener, Transport};
 use http::Service;
 use tls::{CertStore, ClientCa};
 
@@ -37,6 +42,8 @@ pub struct ServeOptions {
     pub reload_interval: Duration,
     /// How long in-flight requests may take to finish after shutdown starts.
     pub drain_timeout: Duration,
+    /// What the HTTPS listener allows (the metrics listener has [`Limits::metrics`]).
+    pub limits: Limits,
 }
 
 /// A started server: its bound addresses and the way to stop it.
@@ -63,35 +70,55 @@ impl Running {
 pub async fn start(
     service: Arc<Service>,
     scrape: Arc<dyn Scrape>,
-    tls_metrics: TlsMetrics,
+    metrics: (TlsMetrics, ConnMetrics),
     opts: ServeOptions,
 ) -> Result<Running, ServerError> {
+    let (tls_metrics, conn_metrics) = metrics;
     let bind_err = |addr| move |source| ServerError::Bind { addr, source };
-    let listener = TcpListener::bind(opts.listen)
-        .await
-        .map_err(bind_err(opts.listen))?;
-    let addr = listener.local_addr().map_err(bind_err(opts.listen))?;
+    let bind = |addr| async move {
+        let tcp = TcpListener::bind(addr).await.map_err(bind_err(addr))?;
+        let bound = tcp.local_addr().map_err(bind_err(addr))?;
+        Ok::<_, ServerError>((tcp, bound))
+    };
+    let (tcp, addr) = bind(opts.listen).await?;
     let acceptor = TlsAcceptor::from(opts.certs.server_config(opts.client_ca.as_ref())?);
-    let mtls = opts.client_ca.is_some();
+    announce_authentication(opts.client_ca.as_ref(), &conn_metrics);
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
     let mut metrics_addr = None;
     if let Some(m) = opts.metrics_listen {
-        let mut rx = stop_rx.clone();
-        let shutdown = async move { conn::stopped(&mut rx).await };
-        let (bound, task) = crate::metrics::serve(m, scrape, shutdown)
-            .await
-            .map_err(bind_err(m))?;
+        let (tcp, bound) = bind(m).await?;
         metrics_addr = Some(bound);
-        tasks.push(task);
+        let listener = Listener {
+            tcp,
+            transport: Transport::Plain,
+            router: crate::metrics::router(scrape),
+            limits: Limits::metrics(),
+            metrics: conn_metrics.listener("metrics"),
+        };
+        let stop = stop_rx.clone();
+        tasks.push(tokio::spawn(conn::serve(
+            listener,
+            stop,
+            opts.drain_timeout,
+        )));
     }
 
     let reload = tokio::spawn(opts.certs.clone().watch(opts.reload_interval, tls_metrics));
-    let router = http::router(service.clone());
+    let listener = Listener {
+        tcp,
+        transport: Transport::Tls {
+            acceptor,
+            clients: opts.client_ca,
+        },
+        router: http::router(service.clone()),
+        limits: opts.limits,
+        metrics: conn_metrics.listener("https"),
+    };
     let drain_timeout = opts.drain_timeout;
     tasks.push(tokio::spawn(async move {
-        conn::serve_tls(listener, acceptor, router, mtls, stop_rx, drain_timeout).await;
+        conn::serve(listener, stop_rx, drain_timeout).await;
         reload.abort();
     }));
     tracing::info!(%addr, ?metrics_addr, "webhook listening");
@@ -102,4 +129,30 @@ pub async fn start(
         stop,
         tasks,
     })
+}
+
+/// Says, in the log and in `bulwark_reviews_authenticated`, whether reviews are known to come
+/// from the API server: without it, anyone who reaches the port can send them.
+fn announce_authentication(clients: Option<&ClientCa>, metrics: &ConnMetrics) {
+    match clients {
+        None => {
+            metrics.reviews_authenticated.set(0);
+            tracing::warn!(
+                "reviews are not authenticated (no --client-ca): anyone who reaches the port \
+                 can send them; a forged review cannot raise a limit but can use up a \
+                 namespace's rate and hold its reservations for reservationTtlSeconds"
+            );
+        }
+        Some(ca) if ca.names().is_empty() => {
+            metrics.reviews_authenticated.set(0);
+            tracing::warn!(
+                "reviews need a certificate of --client-ca but no --client-name is checked: \
+                 any certificate that CA signed may send them"
+            );
+        }
+        Some(ca) => {
+            metrics.reviews_authenticated.set(1);
+            tracing::info!(names = ?ca.names(), "reviews only from client certificates naming these");
+        }
+    }
 }

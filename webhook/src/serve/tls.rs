@@ -102,13 +102,79 @@ fn parse_pair(
 }
 
 /// The CAs whose client certificates (kube-apiserver's, from its admission configuration)
-/// may send reviews.
+/// may send reviews, and the names such a certificate must carry.
 #[derive(Debug, Clone)]
 pub struct ClientCa {
     roots: Arc<rustls::RootCertStore>,
+    /// `--client-name`: the subject CN or a DNS SAN must equal one. Empty: any certificate of
+    /// the CA, which is only safe for a CA that signs nothing but the API server's.
+    names: Arc<[String]>,
+}
+
+/// What the TLS handshake showed of the caller, when client certificates are required for
+/// reviews. The verifier has already checked the chain; this is whether the caller is who
+/// reviews may come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientCert {
+    Verified,
+    Absent,
+    /// A certificate of the CA, but none of the names reviews may come from: what it names.
+    WrongName(String),
+}
+
+/// The subject common names and DNS SANs of a DER certificate.
+fn names_in(der: &[u8]) -> Result<Vec<String>, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        names.extend(san.value.general_names.iter().filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
+            _ => None,
+        }));
+    }
+    Ok(names)
+}
+
+/// Whether the leaf certificate `der` carries one of `wanted` as its CN or a DNS SAN.
+pub fn identify(der: &[u8], wanted: &[String]) -> ClientCert {
+    if wanted.is_empty() {
+        return ClientCert::Verified;
+    }
+    match names_in(der) {
+        Ok(names) if names.iter().any(|n| wanted.contains(n)) => ClientCert::Verified,
+        Ok(names) => {
+            // Bounded: the names go into a log line and an answer.
+            let mut shown = names.join(", ");
+            shown.truncate(200);
+            ClientCert::WrongName(shown)
+        }
+        Err(e) => ClientCert::WrongName(format!("unreadable certificate: {e}")),
+    }
 }
 
 impl ClientCa {
+    /// Only certificates naming one of `names` may send reviews (none given: any of the CA).
+    pub fn with_names(mut self, names: Vec<String>) -> ClientCa {
+        self.names = names.into();
+        self
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// What a connection's verified peer certificates (leaf first) say about its caller.
+    pub fn check(&self, presented: Option<&[CertificateDer<'_>]>) -> ClientCert {
+        match presented.and_then(|chain| chain.first()) {
+            None => ClientCert::Absent,
+            Some(leaf) => identify(leaf, &self.names),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<ClientCa, TlsError> {
         let err = |message: String| TlsError::ClientCa {
             path: path.display().to_string(),
@@ -125,6 +191,7 @@ impl ClientCa {
         }
         Ok(ClientCa {
             roots: Arc::new(roots),
+            names: Arc::new([]),
         })
     }
 }
@@ -306,5 +373,52 @@ impl ResolvesServerCert for CertStore {
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn der(pem: &str) -> Vec<u8> {
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .next()
+            .expect("a certificate")
+            .expect("pem")
+            .as_ref()
+            .to_vec()
+    }
+
+    #[test]
+    fn a_client_is_known_by_its_common_name_or_a_dns_name() {
+        let ca = bulwark_certs::Ca::new("clients", 1).expect("ca");
+        let apiserver = ca
+            .client("kube-apiserver-webhook-client", &[])
+            .expect("pair");
+        let wanted = vec!["kube-apiserver-webhook-client".to_string()];
+        assert_eq!(
+            identify(&der(&apiserver.cert_pem), &wanted),
+            ClientCert::Verified
+        );
+        let kubelet = ca
+            .client("system:node:worker-1", &["system:nodes"])
+            .expect("pair");
+        assert_eq!(
+            identify(&der(&kubelet.cert_pem), &wanted),
+            ClientCert::WrongName("system:node:worker-1".into())
+        );
+        let server = ca
+            .server(&["kube-apiserver-webhook-client".into()], &[])
+            .expect("pair");
+        assert_eq!(
+            identify(&der(&server.cert_pem), &wanted),
+            ClientCert::Verified
+        );
+        // Without names, the CA alone decides.
+        assert_eq!(identify(&der(&kubelet.cert_pem), &[]), ClientCert::Verified);
+        assert!(matches!(
+            identify(b"junk", &wanted),
+            ClientCert::WrongName(_)
+        ));
     }
 }

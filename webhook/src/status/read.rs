@@ -17,7 +17,7 @@ use super::{
     limits::Defaults,
     usage::{PodTally, Refusals, count_event, count_pod},
 };
-use crate::cluster::throttled::REASON;
+use crate::{cluster::throttled::REASON, policy::pod::PodRules};
 
 /// bulwark's ConfigMap and its key.
 pub const CONFIG_MAP: &str = "bulwark-config";
@@ -157,9 +157,11 @@ pub async fn read(
             )
         }
     };
+    // Which pods are held to which cap, by the built-in system namespaces (kube-system and
+    // bulwark's own): a config's systemNamespaces is not read for this.
     let mut pods = BTreeMap::new();
     list_all(&pods_api, ListParams::default(), |p| {
-        count_pod(&mut pods, &p, now)
+        count_pod(&mut pods, &p, &PodRules::default(), now)
     })
     .await
     .map_err(|e| forbidden(e, "pods"))?;

@@ -306,9 +306,12 @@ pub fn json(rows: &[Row], defaults: &Defaults) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{
-        limits::Source,
-        usage::{count_event, count_pod},
+    use crate::{
+        policy::pod::PodRules,
+        status::{
+            limits::Source,
+            usage::{count_event, count_pod},
+        },
     };
     use k8s_openapi::{
         api::core::v1::{Event, Pod},
@@ -389,7 +392,7 @@ mod tests {
         let (namespaces, pods, events) = fixture();
         let mut tallies = BTreeMap::new();
         for p in &pods {
-            count_pod(&mut tallies, p, now);
+            count_pod(&mut tallies, p, &PodRules::default(), now);
         }
         let mut refusals = BTreeMap::new();
         for e in &events {

@@ -13,9 +13,12 @@ use k8s_openapi::{
     jiff::{SignedDuration, Timestamp},
 };
 
-use crate::cluster::{
-    cache::PodEntry,
-    throttled::{COUNTS_ANNOTATION, REASON, REPORTER},
+use crate::{
+    cluster::{
+        cache::PodEntry,
+        throttled::{COUNTS_ANNOTATION, REASON, REPORTER},
+    },
+    policy::pod::PodRules,
 };
 
 /// The creation rate is measured over this window.
@@ -43,13 +46,19 @@ fn within(at: Timestamp, now: Timestamp, window: Duration) -> bool {
     age < SignedDuration::try_from(window).unwrap_or(SignedDuration::MAX)
 }
 
-/// Adds `pod` to its namespace's tally. `now` is this machine's clock, compared with the API
-/// server's timestamps: a skew between the two shifts the one-minute window by as much.
-pub fn count_pod(tallies: &mut BTreeMap<String, PodTally>, pod: &Pod, now: Timestamp) {
+/// Adds `pod` to its namespace's tally, judged by `rules` as the webhook judges it (which pods
+/// are held to which cap). `now` is this machine's clock, compared with the API server's
+/// timestamps: a skew between the two shifts the one-minute window by as much.
+pub fn count_pod(
+    tallies: &mut BTreeMap<String, PodTally>,
+    pod: &Pod,
+    rules: &PodRules,
+    now: Timestamp,
+) {
     let Some(ns) = pod.metadata.namespace.as_deref() else {
         return;
     };
-    let entry = PodEntry::from_pod(pod, &[]);
+    let entry = PodEntry::from_pod(pod, rules);
     let tally = match tallies.get_mut(ns) {
         Some(t) => t,
         None => tallies.entry(ns.to_owned()).or_default(),
@@ -140,9 +149,10 @@ mod tests {
             pod("ci", "Running", "2026-03-01T09:59:00.5Z", json!({})),
             pod("ci", "Running", "2026-03-01T09:58:00Z", json!({})),
             pod("ci", "Succeeded", "2026-03-01T09:59:59Z", json!({})),
-            // A DaemonSet's pod is live but never held to the pending cap.
+            // A DaemonSet's pod in a system namespace is live but not held to the pending cap
+            // (in a tenant's namespace it would be: anyone can name a DaemonSet owner).
             pod(
-                "ci",
+                "kube-system",
                 "Pending",
                 "2026-03-01T09:00:00Z",
                 json!({"ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "d", "uid": "u", "controller": true}]}),
@@ -150,14 +160,22 @@ mod tests {
             // Stamped by a server clock a little ahead of ours.
             pod("batch", "Pending", "2026-03-01T10:00:01Z", json!({})),
         ] {
-            count_pod(&mut t, &p, now);
+            count_pod(&mut t, &p, &PodRules::default(), now);
         }
         assert_eq!(
             t["ci"],
             PodTally {
-                live: 4,
+                live: 3,
                 pending: 1,
                 created_last_minute: 3,
+            }
+        );
+        assert_eq!(
+            t["kube-system"],
+            PodTally {
+                live: 1,
+                pending: 0,
+                created_last_minute: 0,
             }
         );
         assert_eq!(

@@ -22,7 +22,7 @@ use pods::{DecayingRate, NamespacePods};
 pub use pods::{PodEntry, PodState};
 
 use crate::{
-    policy::{Policy, Problem},
+    policy::{Policy, Problem, pod::PodRules},
     quota::{
         staleness::{Stale, WatchHealth},
         view::{ClusterView, NamespaceInfo, PodCounts},
@@ -32,7 +32,7 @@ use crate::{
 /// The cluster as the watches show it.
 pub struct Cache {
     defaults: Policy,
-    workflow_labels: Vec<String>,
+    rules: PodRules,
     namespaces: DashMap<Box<str>, Arc<NamespaceInfo>>,
     pods: DashMap<Box<str>, NamespacePods>,
     cluster_pending: AtomicU64,
@@ -67,10 +67,10 @@ impl Watched {
 }
 
 impl Cache {
-    pub fn new(defaults: Policy, workflow_labels: Vec<String>) -> Self {
+    pub fn new(defaults: Policy, rules: PodRules) -> Self {
         Cache {
             defaults,
-            workflow_labels,
+            rules,
             namespaces: DashMap::new(),
             pods: DashMap::new(),
             cluster_pending: AtomicU64::new(0),
@@ -85,8 +85,9 @@ impl Cache {
         }
     }
 
-    pub fn workflow_labels(&self) -> &[String] {
-        &self.workflow_labels
+    /// What a watched pod's entry is judged by: its workflow, and what exempts it where.
+    pub fn rules(&self) -> &PodRules {
+        &self.rules
     }
 
     pub fn defaults(&self) -> &Policy {
@@ -362,6 +363,10 @@ pub fn node_is_schedulable(node: &Node) -> bool {
 impl ClusterView for Cache {
     fn namespace(&self, name: &str) -> Option<Arc<NamespaceInfo>> {
         self.namespaces.get(name).map(|e| e.value().clone())
+    }
+
+    fn namespaces_listed(&self) -> bool {
+        self.synced[Watched::Namespaces as usize].load(Ordering::Acquire)
     }
 
     fn pod_counts(&self, namespace: &str, workflow: Option<&str>, now: Instant) -> PodCounts {

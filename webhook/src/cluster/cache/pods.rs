@@ -5,14 +5,15 @@ use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::policy::pod::PodFacts;
+use crate::policy::pod::{Held, PodRules};
 
 /// What bulwark keeps of a pod: a few bits and the workflow it belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodEntry {
     pub state: PodState,
-    /// DaemonSet and mirror pods are not held to pending limits.
-    pub pending_exempt: bool,
+    /// The caps the pod is held to, and so counted toward: only in a system namespace can
+    /// this be less than all of them (`policy::pod`).
+    pub held: Held,
     pub workflow: Option<Arc<str>>,
 }
 
@@ -26,8 +27,10 @@ pub enum PodState {
 }
 
 impl PodEntry {
-    pub fn from_pod(pod: &Pod, workflow_labels: &[String]) -> PodEntry {
-        let facts = PodFacts::of(pod, workflow_labels);
+    /// The entry of a watched pod; one without a namespace is judged as a tenant's.
+    pub fn from_pod(pod: &Pod, rules: &PodRules) -> PodEntry {
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let facts = rules.facts(pod, namespace);
         let phase = pod
             .status
             .as_ref()
@@ -40,19 +43,19 @@ impl PodEntry {
         };
         PodEntry {
             state,
-            pending_exempt: facts.pending_exempt,
+            held: facts.held,
             workflow: facts.workflow.map(Arc::from),
         }
     }
 
-    /// Counted against max-pods (not Succeeded or Failed).
+    /// Counted as live: not finished, and held to max-pods.
     pub fn live(&self) -> bool {
-        self.state != PodState::Terminal
+        self.state != PodState::Terminal && self.held != Held::Nothing
     }
 
-    /// Counted against max-pending-pods and the cluster cap.
+    /// Counted as pending: not yet running, and held to the pending caps.
     pub fn counts_pending(&self) -> bool {
-        self.state == PodState::Pending && !self.pending_exempt
+        self.state == PodState::Pending && self.held == Held::All
     }
 }
 

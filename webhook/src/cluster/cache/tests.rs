@@ -1,17 +1,18 @@
 //! The cache's counters through pod lifecycles, relists, namespaces and drain rates.
 
 use super::*;
+use crate::policy::pod::Held;
 
 fn entry(state: PodState, workflow: Option<&str>) -> PodEntry {
     PodEntry {
         state,
-        pending_exempt: false,
+        held: Held::All,
         workflow: workflow.map(Arc::from),
     }
 }
 
 fn cache() -> Cache {
-    Cache::new(Policy::default(), vec!["bulwark.io/workflow".into()])
+    Cache::new(Policy::default(), PodRules::default())
 }
 
 #[test]
@@ -51,11 +52,48 @@ fn daemonset_pods_do_not_count_as_pending() {
     let c = cache();
     let t = Instant::now();
     let mut e = entry(PodState::Pending, None);
-    e.pending_exempt = true;
+    e.held = Held::NotPending;
     c.apply_pod("ns", "ds-1", e, t);
     let n = c.pod_counts("ns", None, t);
     assert_eq!((n.live, n.pending), (1, 0));
     assert_eq!(c.cluster_pending(), 0);
+}
+
+/// A watched pod is counted by what its namespace lets it be exempt from: a tenant's
+/// "system-critical" or "DaemonSet" pod counts like any other; a system namespace's counts
+/// toward no cap it is not held to.
+#[test]
+fn exempt_pods_count_only_toward_caps_they_are_held_to() {
+    let c = cache();
+    let t = Instant::now();
+    let pod = |ns: &str, name: &str, extra: serde_json::Value| {
+        let mut v = serde_json::json!({"metadata": {"namespace": ns, "name": name},
+            "status": {"phase": "Pending"}});
+        if let (Some(meta), Some(more)) = (v["metadata"].as_object_mut(), extra.get("metadata")) {
+            meta.extend(more.as_object().cloned().unwrap_or_default());
+        }
+        if let Some(spec) = extra.get("spec") {
+            v["spec"] = spec.clone();
+        }
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(v).expect("pod");
+        c.apply_pod(ns, name, PodEntry::from_pod(&pod, c.rules()), t);
+    };
+    let critical = serde_json::json!({"spec": {"containers": [],
+        "priorityClassName": "system-cluster-critical"}});
+    let mirror = serde_json::json!({"metadata": {"annotations":
+        {"kubernetes.io/config.mirror": "x"}}});
+    let daemonset = serde_json::json!({"metadata": {"ownerReferences": [{"apiVersion": "apps/v1",
+        "kind": "DaemonSet", "name": "ds", "uid": "1", "controller": true}]}});
+    for (i, extra) in [&critical, &mirror, &daemonset].into_iter().enumerate() {
+        pod("tenant", &format!("p{i}"), extra.clone());
+        pod("kube-system", &format!("p{i}"), extra.clone());
+    }
+    let tenant = c.pod_counts("tenant", None, t);
+    assert_eq!((tenant.live, tenant.pending), (3, 3));
+    // kube-system: only the DaemonSet pod is live, and none is pending.
+    let system = c.pod_counts("kube-system", None, t);
+    assert_eq!((system.live, system.pending), (1, 0));
+    assert_eq!((c.cluster_pending(), c.live_pods()), (3, 4));
 }
 
 #[test]

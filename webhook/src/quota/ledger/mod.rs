@@ -2,6 +2,11 @@
 //! watch has not shown yet. Check and commit happen under one namespace lock, so concurrent
 //! admissions cannot all see the same free slot; the cluster-wide pending cap is taken with a
 //! compare-and-swap for the same reason across namespaces.
+//!
+//! Everything kept is bounded, since reviews may come from anyone who reaches the port:
+//! reservations per namespace ([`MAX_NAMESPACE_RESERVATIONS`]) and in all
+//! ([`MAX_RESERVATIONS`]), and namespaces the cluster does not show, which live apart in the
+//! small [`strangers`] table so made-up names can neither grow memory nor fill the cluster cap.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -21,7 +26,20 @@ use super::{
     view::ClusterView,
     waiting::WaitingLine,
 };
-use crate::policy::Policy;
+use crate::policy::{Policy, pod::MAX_POD_NAME_LEN};
+use strangers::Strangers;
+
+mod strangers;
+
+/// Reservations one namespace may hold. At the bound a new one replaces the namespace's
+/// oldest: counts then lag the truth by the dropped pod until the watch shows it, which costs
+/// only that namespace (a real one reaching it has thousands of creations the watch has not
+/// shown, or rejected by a later admission plugin, within one TTL).
+pub const MAX_NAMESPACE_RESERVATIONS: usize = 4096;
+/// Reservations in all known namespaces. At the bound a new reservation replaces its own
+/// namespace's oldest; a namespace with none still gets its first, so the total exceeds the
+/// bound by at most one per namespace the cluster has.
+pub const MAX_RESERVATIONS: u64 = 65_536;
 
 #[derive(Debug)]
 struct Reservation {
@@ -57,6 +75,24 @@ impl NamespaceLedger {
             *self.workflows.entry(w.clone()).or_insert(0) += 1;
         }
         self.reservations.push_back(r);
+    }
+
+    /// The reservation of the pod the watch just showed: by name, or for `generateName` pods
+    /// the oldest without one.
+    fn take_reservation(&mut self, name: &str) -> Option<Reservation> {
+        let pos = self
+            .reservations
+            .iter()
+            .position(|r| r.name.as_deref() == Some(name))
+            .or_else(|| self.reservations.iter().position(|r| r.name.is_none()));
+        let r = pos.and_then(|p| self.reservations.remove(p))?;
+        self.forget(&r);
+        Some(r)
+    }
+
+    /// Whether anything here still matters: a reservation, a rate not yet refilled, a line.
+    fn in_use(&self, now: Nanos) -> bool {
+        !self.reservations.is_empty() || self.tat > now || self.line.is_some()
     }
 
     fn forget(&mut self, r: &Reservation) {
@@ -97,6 +133,18 @@ pub struct Request<'a> {
     /// Whether a client refused for a count quota joins the waiting line: one told when to
     /// come back does; one whose own queue retries does not.
     pub joins_line: bool,
+    /// The namespace watch has listed every namespace and this one is not among them: brand
+    /// new, or made up by a forged review. Its state goes to the [`strangers`] table.
+    pub unknown_namespace: bool,
+}
+
+/// Where a namespace's state is kept, and so how long and how much of it.
+#[derive(Debug, Clone, Copy)]
+struct Keep {
+    ttl: Duration,
+    max_reservations: usize,
+    /// The bound on reservations in the whole table, where it is checked per reservation.
+    max_total: Option<u64>,
 }
 
 pub struct Ledger {
@@ -110,6 +158,8 @@ pub struct Ledger {
     /// Clients refused for the cluster cap, until their retry is due. Locked after a
     /// namespace entry, never before one.
     cluster_line: Mutex<WaitingLine>,
+    /// Namespaces the cluster does not show (see [`Request::unknown_namespace`]).
+    strangers: Mutex<Strangers>,
 }
 
 impl Ledger {
@@ -122,6 +172,22 @@ impl Ledger {
             reserved_pending: AtomicU64::new(0),
             replicas: AtomicU32::new(1),
             cluster_line: Mutex::new(WaitingLine::default()),
+            strangers: Mutex::new(Strangers::default()),
+        }
+    }
+
+    fn strangers(&self) -> std::sync::MutexGuard<'_, Strangers> {
+        // A poisoned table is still consistent: every update completes before it can panic.
+        self.strangers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn known(&self) -> Keep {
+        Keep {
+            ttl: self.ttl,
+            max_reservations: MAX_NAMESPACE_RESERVATIONS,
+            max_total: Some(MAX_RESERVATIONS),
         }
     }
 
@@ -201,9 +267,31 @@ impl Ledger {
         limits: &Limits,
         now: Instant,
     ) -> Result<(), Refusal> {
+        if req.unknown_namespace {
+            let mut strangers = self.strangers();
+            let (ns, dropped) = strangers.entry(req.namespace, now);
+            for r in &dropped {
+                self.release(r);
+            }
+            let keep = Strangers::keep(self.ttl);
+            return self.admit_in(view, ns, keep, req, limits, now);
+        }
         let mut ns = self.namespaces.entry(req.namespace.into()).or_default();
-        self.expire(&mut ns, now);
-        let snap = self.snapshot(view, &mut ns, req, limits, now);
+        self.admit_in(view, &mut ns, self.known(), req, limits, now)
+    }
+
+    /// [`Ledger::admit`] in the namespace's state `ns`, kept as `keep` says.
+    fn admit_in(
+        &self,
+        view: &dyn ClusterView,
+        ns: &mut NamespaceLedger,
+        keep: Keep,
+        req: &Request<'_>,
+        limits: &Limits,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        self.expire(ns, now);
+        let snap = self.snapshot(view, ns, req, limits, now);
         let state = RateState {
             tat: ns.tat,
             now: self.nanos(now),
@@ -215,12 +303,12 @@ impl Ledger {
             (Ok(_), Commit::DryRun) => return Ok(()),
             (Err(refusal), Commit::DryRun) => return Err(refusal),
             (Err(refusal), Commit::Enforce) => {
-                self.join_line(&mut ns, req, &refusal, secs);
+                self.join_line(ns, req, &refusal, secs);
                 return Err(refusal);
             }
             (Err(refusal), Commit::Warn) => {
                 // The pod will exist: count it, but take nothing from the rate.
-                self.reserve_regardless(&mut ns, req, now);
+                self.reserve_regardless(ns, keep, req, now);
                 return Err(refusal);
             }
             (Ok(new_tat), Commit::Enforce | Commit::Warn) => new_tat,
@@ -229,8 +317,8 @@ impl Ledger {
             && let Err(refusal) = self.take_cluster_slot(view, &snap, now)
         {
             match req.commit {
-                Commit::Warn => self.reserve_regardless(&mut ns, req, now),
-                Commit::Enforce => self.join_line(&mut ns, req, &refusal, secs),
+                Commit::Warn => self.reserve_regardless(ns, keep, req, now),
+                Commit::Enforce => self.join_line(ns, req, &refusal, secs),
                 Commit::DryRun => {}
             }
             return Err(refusal);
@@ -238,7 +326,7 @@ impl Ledger {
         if let Some(tat) = new_tat {
             ns.tat = tat;
         }
-        self.reserve(&mut ns, req, now);
+        self.reserve(ns, keep, req, now);
         Ok(())
     }
 
@@ -323,15 +411,27 @@ impl Ledger {
 
     /// Records a pod that will be created although it was refused (mode warn): it counts
     /// against every cap, the cluster's included, without the cluster cap's check.
-    fn reserve_regardless(&self, ns: &mut NamespaceLedger, req: &Request<'_>, now: Instant) {
+    fn reserve_regardless(
+        &self,
+        ns: &mut NamespaceLedger,
+        keep: Keep,
+        req: &Request<'_>,
+        now: Instant,
+    ) {
         if !req.ask.pending_exempt {
             self.reserved_pending.fetch_add(1, Ordering::AcqRel);
         }
-        self.reserve(ns, req, now);
+        self.reserve(ns, keep, req, now);
     }
 
     /// Records an admitted pod. The caller has already taken its cluster pending slot.
-    fn reserve(&self, ns: &mut NamespaceLedger, req: &Request<'_>, now: Instant) {
+    fn reserve(&self, ns: &mut NamespaceLedger, keep: Keep, req: &Request<'_>, now: Instant) {
+        let full = ns.reservations.len() >= keep.max_reservations
+            || keep.max_total.is_some_and(|total| self.reserved() >= total);
+        if full && let Some(oldest) = ns.reservations.pop_front() {
+            ns.forget(&oldest);
+            self.release(&oldest);
+        }
         // Share the workflow string with the namespace's other reservations of it.
         let workflow = req.ask.workflow.map(|w| {
             ns.workflows
@@ -339,8 +439,12 @@ impl Ledger {
                 .map_or_else(|| Arc::from(w), |(k, _)| k.clone())
         });
         ns.push(Reservation {
-            expires: now + self.ttl,
-            name: req.name.filter(|n| !n.is_empty()).map(Box::from),
+            expires: now + keep.ttl,
+            // A longer name cannot be a real pod's (the admitter never asks for one).
+            name: req
+                .name
+                .filter(|n| !n.is_empty() && n.len() <= MAX_POD_NAME_LEN)
+                .map(Box::from),
             workflow,
             pending: !req.ask.pending_exempt,
         });
@@ -351,18 +455,25 @@ impl Ledger {
     /// is now counted by the cache instead. Call after the cache has the pod, so the pod is
     /// briefly counted twice rather than not at all.
     pub fn observe_created(&self, namespace: &str, name: &str) {
-        let Some(mut ns) = self.namespaces.get_mut(namespace) else {
+        if let Some(mut ns) = self.namespaces.get_mut(namespace) {
+            if let Some(r) = ns.take_reservation(name) {
+                self.release(&r);
+            }
             return;
-        };
-        let pos = ns
-            .reservations
-            .iter()
-            .position(|r| r.name.as_deref() == Some(name))
-            .or_else(|| ns.reservations.iter().position(|r| r.name.is_none()));
-        if let Some(r) = pos.and_then(|p| ns.reservations.remove(p)) {
-            ns.forget(&r);
+        }
+        // A namespace new to the watch may have been admitted as a stranger.
+        let taken = self
+            .strangers()
+            .get_mut(namespace)
+            .and_then(|ns| ns.take_reservation(name));
+        if let Some(r) = taken {
             self.release(&r);
         }
+    }
+
+    /// Namespaces with state in the table of namespaces the cluster does not show.
+    pub fn strangers_held(&self) -> usize {
+        self.strangers().len()
     }
 
     /// Drops expired reservations and idle namespaces; run periodically so namespaces that
@@ -375,7 +486,15 @@ impl Ledger {
             if ns.waiting(secs) == 0 {
                 ns.line = None;
             }
-            !ns.reservations.is_empty() || ns.tat > now_nanos || ns.line.is_some()
+            ns.in_use(now_nanos)
+        });
+        let mut strangers = self.strangers();
+        strangers.retain(|ns| {
+            self.expire(ns, now);
+            if ns.waiting(secs) == 0 {
+                ns.line = None;
+            }
+            ns.in_use(now_nanos)
         });
     }
 }

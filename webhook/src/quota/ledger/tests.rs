@@ -6,7 +6,10 @@ use std::sync::Barrier;
 use super::*;
 use crate::{
     cluster::cache::{Cache, PodEntry, PodState},
-    policy::parse_rate,
+    policy::{
+        parse_rate,
+        pod::{Held, PodRules},
+    },
     quota::{
         ClusterLimits,
         view::{NamespaceInfo, PodCounts},
@@ -28,7 +31,7 @@ impl Fixture {
         let t = Instant::now();
         Fixture {
             t,
-            cache: Cache::new(Policy::default(), vec![]),
+            cache: Cache::new(Policy::default(), PodRules::default()),
             ledger: Ledger::new(TTL, t),
             limits: Limits {
                 cluster: ClusterLimits {
@@ -102,6 +105,7 @@ fn request<'a>(
         ask,
         commit,
         joins_line: true,
+        unknown_namespace: false,
     }
 }
 
@@ -125,7 +129,7 @@ fn rated(rate: &str, burst: u32) -> Policy {
 fn pending(workflow: Option<&str>) -> PodEntry {
     PodEntry {
         state: PodState::Pending,
-        pending_exempt: false,
+        held: Held::All,
         workflow: workflow.map(Arc::from),
     }
 }
@@ -394,4 +398,106 @@ fn replicas_share_the_rate_and_the_refusal_names_the_whole_limit() {
     f.ledger.set_replicas(0);
     assert_eq!(f.ledger.replicas(), 1);
     assert!(f.enforce_in("b", &p).is_ok());
+}
+
+fn unknown<'a>(namespace: &'a str, name: Option<&'a str>, policy: &'a Policy) -> Request<'a> {
+    Request {
+        unknown_namespace: true,
+        ..request(namespace, name, policy, Ask::default(), Commit::Enforce)
+    }
+}
+
+#[test]
+fn a_namespace_holds_at_most_its_bound_of_reservations_dropping_the_oldest() {
+    let f = Fixture::new(None);
+    let p = counts_only(None, None);
+    let names: Vec<String> = (0..=MAX_NAMESPACE_RESERVATIONS)
+        .map(|i| format!("p{i}"))
+        .collect();
+    for name in &names {
+        f.admit_as(Some(name), &p, Ask::default(), Commit::Enforce, f.t)
+            .unwrap();
+    }
+    assert_eq!(f.ledger.reserved(), MAX_NAMESPACE_RESERVATIONS as u64);
+    // The oldest went: the watch showing it releases nothing; the newest is still held.
+    f.ledger.observe_created("ci", "p0");
+    assert_eq!(f.ledger.reserved(), MAX_NAMESPACE_RESERVATIONS as u64);
+    f.ledger.observe_created("ci", names.last().unwrap());
+    assert_eq!(f.ledger.reserved(), MAX_NAMESPACE_RESERVATIONS as u64 - 1);
+}
+
+#[test]
+fn at_the_total_bound_a_namespace_replaces_its_own_oldest() {
+    let f = Fixture::new(None);
+    let p = counts_only(None, None);
+    let per = MAX_NAMESPACE_RESERVATIONS as u64;
+    let full = MAX_RESERVATIONS / per;
+    for n in 0..full {
+        let ns = format!("ns{n}");
+        for _ in 0..per {
+            f.enforce_in(&ns, &p).unwrap();
+        }
+    }
+    assert_eq!(f.ledger.reserved(), MAX_RESERVATIONS);
+    // A refused creation takes nothing, and drops nothing either.
+    assert!(f.enforce_in("ns0", &counts_only(Some(0), None)).is_err());
+    assert_eq!(
+        f.ledger.namespaces.get("ns0").map(|n| n.reservations.len()),
+        Some(per as usize)
+    );
+    // A namespace with reservations trades its oldest for the new one...
+    f.enforce_in("ns0", &p).unwrap();
+    assert_eq!(f.ledger.reserved(), MAX_RESERVATIONS);
+    // ...one with none still gets its first, and only that.
+    f.enforce_in("fresh", &p).unwrap();
+    f.enforce_in("fresh", &p).unwrap();
+    assert_eq!(f.ledger.reserved(), MAX_RESERVATIONS + 1);
+}
+
+#[test]
+fn unknown_namespaces_are_admitted_under_the_defaults_in_a_small_table() {
+    let f = Fixture::new(Some(1000));
+    let p = counts_only(None, None);
+    // Made-up namespaces, many reviews each: never more than the table's bounds held.
+    for n in 0..1000 {
+        let ns = format!("made-up-{n}");
+        for _ in 0..3 {
+            f.ledger
+                .admit(&f.cache, &unknown(&ns, None, &p), &f.limits, f.t)
+                .unwrap();
+        }
+    }
+    assert_eq!(f.ledger.reserved(), strangers::MAX_RESERVATIONS as u64);
+    assert_eq!(f.ledger.strangers_held(), strangers::MAX_NAMESPACES);
+    assert!(f.ledger.namespaces.is_empty(), "nothing in the known table");
+    // Their slots of the cluster cap are bounded the same way and short-lived.
+    assert_eq!(
+        f.ledger.reserved_pending.load(Ordering::Relaxed),
+        strangers::MAX_RESERVATIONS as u64
+    );
+    let later = f.t + strangers::TTL;
+    f.ledger.sweep(later);
+    assert_eq!(f.ledger.reserved(), 0);
+    assert_eq!(f.ledger.reserved_pending.load(Ordering::Relaxed), 0);
+    assert_eq!(f.ledger.strangers_held(), 0, "no rate state left either");
+}
+
+#[test]
+fn an_unknown_namespace_is_held_to_the_defaults_and_released_by_the_watch() {
+    let f = Fixture::new(None);
+    let p = rated("1/s", 2);
+    let admit = |name| {
+        f.ledger.admit(
+            &f.cache,
+            &unknown("brand-new", Some(name), &p),
+            &f.limits,
+            f.t,
+        )
+    };
+    admit("a").unwrap();
+    admit("b").unwrap();
+    assert!(matches!(admit("c"), Err(Refusal::Rate { .. })));
+    // The watch shows the new namespace's pod: its reservation is released as usual.
+    f.ledger.observe_created("brand-new", "a");
+    assert_eq!(f.ledger.reserved(), 1);
 }
