@@ -10,7 +10,9 @@ use k8s_openapi::api::core::v1::Event as CoreEvent;
 use kube::{Api, api::ListParams};
 use serde_json::json;
 
-use crate::support::{Ctx, eventually, pairs, pod, resources, unschedulable, until_decision};
+use crate::support::{
+    Ctx, eventually, kubectl_run_while_blocked, pairs, pod, resources, until_decision,
+};
 
 const VALIDATE_DENIED: &str = "admission webhook \"validate.bulwark.io\" denied the request: ";
 
@@ -126,25 +128,7 @@ pub async fn kubectl_retries_until_capacity_returns(ctx: &mut Ctx) -> anyhow::Re
     let ns = ctx
         .namespace("retry", &[("bulwark.io/max-pending-pods", "1")])
         .await?;
-    ctx.create(&ns, &unschedulable("blocker"))
-        .await?
-        .admitted()?;
-    let ctx = &*ctx;
-    let args = [
-        "-n",
-        &ns,
-        "-v=4",
-        "run",
-        "later",
-        "--image",
-        "registry.k8s.io/pause:3.10",
-    ];
-    let (out, deleted) = tokio::join!(ctx.kubectl(&args, None), async {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        ctx.delete_pod(&ns, "blocker").await
-    });
-    deleted?;
-    let out = out?;
+    let out = kubectl_run_while_blocked(ctx, &ns).await?;
     ensure!(
         out.success,
         "kubectl run failed after {:?}: {}",

@@ -18,7 +18,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use crate::support::{Ctx, eventually, pod};
+use crate::support::{Ctx, eventually, job, pod};
 
 /// bulwark's Throttled Events in `ns`.
 async fn throttled_events(ctx: &Ctx, ns: &str) -> anyhow::Result<Vec<CoreEvent>> {
@@ -56,17 +56,11 @@ pub async fn kubectl_bulwark_status_explains_a_throttled_job(ctx: &mut Ctx) -> a
         )
         .await?;
     // 20 pods no node can take: 5 stay pending, and the Job controller is refused the rest.
-    let job: Job = serde_json::from_value(json!({
-        "metadata": {"name": "stuck"},
-        "spec": {
-            "completions": 20, "parallelism": 20, "backoffLimit": 0,
-            "template": {"spec": {
-                "restartPolicy": "Never",
-                "nodeSelector": {"bulwark-e2e/no-such-node": "true"},
-                "containers": [{"name": "work", "image": "registry.k8s.io/pause:3.10"}],
-            }},
-        }
-    }))?;
+    let job = job(
+        "stuck",
+        20,
+        json!({"nodeSelector": {"bulwark-e2e/no-such-node": "true"}}),
+    )?;
     Api::<Job>::namespaced(ctx.client.clone(), &ns)
         .create(&PostParams::default(), &job)
         .await?;

@@ -20,7 +20,7 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::support::{Ctx, eventually, pairs, pod, resources, unschedulable};
+use crate::support::{Ctx, eventually, job, pairs, pod, resources, unschedulable};
 
 pub async fn max_pods_counts_live_pods(ctx: &mut Ctx) -> anyhow::Result<()> {
     let ns = ctx
@@ -332,18 +332,7 @@ pub async fn job_of_300_completes_under_pending_cap(ctx: &mut Ctx) -> anyhow::Re
         })
     };
     let refusals_before = ctx.metric("bulwark_refusals_total", &[("reason", "max_pending")])?;
-    let job: Job = serde_json::from_value(json!({
-        "metadata": {"name": "burst"},
-        "spec": {
-            "completions": PODS,
-            "parallelism": PODS,
-            "backoffLimit": 0,
-            "template": {"spec": {
-                "restartPolicy": "Never",
-                "containers": [{"name": "work", "image": "registry.k8s.io/pause:3.10"}],
-            }},
-        }
-    }))?;
+    let job = job("burst", PODS, json!({}))?;
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let start = Instant::now();
     jobs.create(&PostParams::default(), &job).await?;

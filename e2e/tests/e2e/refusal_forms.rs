@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::{
     faults::{route_webhooks, wait_ready},
-    support::{Ctx, eventually, metric_at, pod, unschedulable},
+    support::{Ctx, eventually, job, kubectl_run_while_blocked, metric_at, pod},
 };
 
 const JOB_CONTROLLER: &str = "system:serviceaccount:kube-system:job-controller";
@@ -104,18 +104,7 @@ async fn job_controller_form(ctx: &mut Ctx) -> anyhow::Result<()> {
     let ns = ctx
         .namespace("queueing", &[("bulwark.io/max-pending-pods", "5")])
         .await?;
-    let job: Job = serde_json::from_value(json!({
-        "metadata": {"name": "held"},
-        "spec": {
-            "completions": PODS,
-            "parallelism": PODS,
-            "backoffLimit": 0,
-            "template": {"spec": {
-                "restartPolicy": "Never",
-                "containers": [{"name": "work", "image": "registry.k8s.io/pause:3.10"}],
-            }},
-        }
-    }))?;
+    let job = job("held", PODS, json!({}))?;
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let start = Instant::now();
     jobs.create(&PostParams::default(), &job).await?;
@@ -150,25 +139,8 @@ async fn kubectl_form(ctx: &mut Ctx) -> anyhow::Result<()> {
     let ns = ctx
         .namespace("kubectl-form", &[("bulwark.io/max-pending-pods", "1")])
         .await?;
-    ctx.create(&ns, &unschedulable("blocker"))
-        .await?
-        .admitted()?;
     let ctx = &*ctx;
-    let args = [
-        "-n",
-        &ns,
-        "-v=4",
-        "run",
-        "later",
-        "--image",
-        "registry.k8s.io/pause:3.10",
-    ];
-    let (out, deleted) = tokio::join!(ctx.kubectl(&args, None), async {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        ctx.delete_pod(&ns, "blocker").await
-    });
-    deleted?;
-    let out = out?;
+    let out = kubectl_run_while_blocked(ctx, &ns).await?;
     ensure!(out.success, "kubectl run failed: {}", out.stderr);
     let retries = out.stderr.matches("Got a Retry-After response").count();
     ensure!(retries >= 1, "kubectl did not retry: {}", out.stderr);

@@ -475,3 +475,50 @@ pub async fn steady_load(ctx: &mut Ctx, prefix: &str) -> anyhow::Result<SteadyLo
     tokio::time::sleep(Duration::from_secs(2)).await;
     Ok(load)
 }
+
+/// A Job of `pods` pods run all at once (parallelism = completions), of pause containers,
+/// never retried; `pod_spec` is merged into its pod template's spec.
+pub fn job(
+    name: &str,
+    pods: i32,
+    pod_spec: Value,
+) -> anyhow::Result<k8s_openapi::api::batch::v1::Job> {
+    let mut spec = json!({
+        "restartPolicy": "Never",
+        "containers": [{"name": "work", "image": "registry.k8s.io/pause:3.10"}],
+    });
+    merge(&mut spec, pod_spec);
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "completions": pods,
+            "parallelism": pods,
+            "backoffLimit": 0,
+            "template": {"spec": spec},
+        }
+    }))?)
+}
+
+/// `kubectl run later` in namespace `ns`, whose one pending slot a blocker holds until 3 s in:
+/// kubectl is refused, waits out the Retry-After it hears, and creates the pod once the
+/// blocker is gone. Returns kubectl's output (`-v=4`, so its retries are logged).
+pub async fn kubectl_run_while_blocked(ctx: &Ctx, ns: &str) -> anyhow::Result<Kubectl> {
+    ctx.create(ns, &unschedulable("blocker"))
+        .await?
+        .admitted()?;
+    let args = [
+        "-n",
+        ns,
+        "-v=4",
+        "run",
+        "later",
+        "--image",
+        "registry.k8s.io/pause:3.10",
+    ];
+    let (out, deleted) = tokio::join!(ctx.kubectl(&args, None), async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        ctx.delete_pod(ns, "blocker").await
+    });
+    deleted?;
+    out
+}
