@@ -140,7 +140,7 @@ while :; do
 done
 refused=$(curl -sS "$BULWARK_METRICS_URL" | awk '/^bulwark_refusals_total\{.*reason="max_pending"/ {s += $2} END {print s + 0}')
 echo "  all 300 pods completed in $(($(date +%s) - start))s; at most $max_pending pending in the samples above (cap 20);"
-echo "  bulwark refused $refused creations for the pending cap; the Job controller waited the Retry-After and came back"
+echo "  bulwark refused $refused creations for the pending cap; the Job controller's work queue retried them (it is refused without Retry-After)"
 [ "$max_pending" -le 20 ] || fail "pending exceeded its cap: $max_pending"
 [ "$refused" -gt 0 ] || fail "the pending cap never held the Job back"
 
