@@ -1,12 +1,14 @@
-//! Any annotations: the policy parser never panics, reports each invalid knob once, and a
-//! quantity that parses prints as text that parses back to the same amount.
+//! Any annotations: the policy parser never panics; every knob whose value is invalid is
+//! reported once, by its annotation and value, and keeps the default; every valid one is
+//! applied, whatever the other annotations hold; nothing else is reported. A quantity that
+//! parses prints as text that parses back to the same amount.
 #![no_main]
 
 use std::collections::BTreeMap;
 
 use arbitrary::Arbitrary;
 use bulwark::policy::{
-    Policy,
+    KNOBS, Policy,
     quantity::{Cpu, Memory},
 };
 use libfuzzer_sys::fuzz_target;
@@ -34,12 +36,43 @@ fuzz_target!(|input: Input| {
         .into_iter()
         .map(|(k, v)| (KEYS[usize::from(k) % KEYS.len()].to_owned(), v))
         .collect();
-    let (policy, problems) = Policy::from_annotations(&Policy::default(), Some(&annotations));
-    assert!(problems.len() <= annotations.len());
+    let defaults = Policy::default();
+    let (policy, problems) = Policy::from_annotations(&defaults, Some(&annotations));
     for p in &problems {
         assert_eq!(annotations.get(p.annotation), Some(&p.value));
-        assert!(!p.to_string().is_empty());
+        assert!(p.to_string().contains(p.annotation), "{p}");
     }
+    // Each knob on its own: a fresh default policy with only that knob set must agree with the
+    // combined policy on that knob, so no annotation affects another's outcome.
+    for (knob, annotation, _) in KNOBS {
+        let reported = problems
+            .iter()
+            .filter(|p| p.annotation == annotation)
+            .count();
+        let Some(value) = annotations.get(annotation) else {
+            assert_eq!(reported, 0, "{annotation} reported without being set");
+            continue;
+        };
+        let mut alone = defaults.clone();
+        match alone.set(knob, value) {
+            Ok(()) => assert_eq!(reported, 0, "valid {annotation}={value:?} reported"),
+            Err(_) => {
+                assert_eq!(
+                    reported, 1,
+                    "invalid {annotation}={value:?} reported {reported} times"
+                );
+                assert_eq!(alone, defaults, "a refused value changed the policy");
+            }
+        }
+        let mut combined_knob = defaults.clone();
+        let mut alone_knob = defaults.clone();
+        // Copy the one knob from each policy onto the defaults and compare.
+        copy_knob(&mut combined_knob, &policy, knob);
+        copy_knob(&mut alone_knob, &alone, knob);
+        assert_eq!(combined_knob, alone_knob, "{annotation}={value:?}");
+    }
+    // Unknown bulwark.io/ annotations are neither knobs nor problems.
+    assert!(problems.iter().all(|p| p.annotation != "bulwark.io/other"));
     // Whatever was accepted is usable: a burst of zero would refuse every pod.
     if policy.rate.is_some() {
         assert!(policy.burst >= 1, "{policy:?}");
@@ -61,3 +94,17 @@ fuzz_target!(|input: Input| {
         );
     }
 });
+
+/// `into` with `knob` taken from `from`.
+fn copy_knob(into: &mut Policy, from: &Policy, knob: bulwark::policy::Knob) {
+    use bulwark::policy::Knob;
+    match knob {
+        Knob::Mode => into.mode = from.mode,
+        Knob::PodRate => into.rate = from.rate,
+        Knob::PodBurst => into.burst = from.burst,
+        Knob::MaxPods => into.max_pods = from.max_pods,
+        Knob::MaxPendingPods => into.max_pending_pods = from.max_pending_pods,
+        Knob::DefaultRequests => into.default_requests = from.default_requests,
+        Knob::DefaultLimits => into.default_limits = from.default_limits,
+    }
+}
