@@ -23,7 +23,7 @@ fail() { echo "demo: $*" >&2; [ -f "$work/webhook.log" ] && tail -20 "$work/webh
 
 say "building bulwark"
 cargo build --quiet -p bulwark
-bin=target/debug/bulwark
+bin="${CARGO_TARGET_DIR:-target}/debug/bulwark"
 
 say "generating a CA and a serving certificate for 127.0.0.1"
 "$bin" certs --out-dir "$work/certs" --dns localhost --ip 127.0.0.1 --days 1 >"$work/cabundle"
@@ -57,11 +57,12 @@ done
 curl_tls -f "https://127.0.0.1:$PORT/readyz" >/dev/null || fail "webhook not ready"
 echo "ready: https://127.0.0.1:$PORT (HTTP/2 and HTTP/1.1), metrics on http://127.0.0.1:$METRICS_PORT/metrics"
 
-review() { # uid namespace pod-name
+review() { # uid namespace pod-name [user]
+  local user=${4:-system:serviceaccount:ci:pipeline}
   cat <<EOF
 {"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"$1",
  "kind":{"group":"","version":"v1","kind":"Pod"},"resource":{"group":"","version":"v1","resource":"pods"},
- "namespace":"$2","operation":"CREATE","userInfo":{"username":"system:serviceaccount:kube-system:job-controller"},
+ "namespace":"$2","operation":"CREATE","userInfo":{"username":"$user"},
  "object":{"apiVersion":"v1","kind":"Pod","metadata":{"name":"$3","namespace":"$2","labels":{"job-name":"burst"}},
    "spec":{"restartPolicy":"Never","containers":[{"name":"work","image":"busybox","command":["sleep","5"]}]}},
  "dryRun":false}}
@@ -82,12 +83,21 @@ for w in r.get("warnings", []):
 assert r["allowed"] and any(op["path"].endswith("/resources") for op in patch)
 EOF
 
-say "POST /validate: a burst of 40 pod creations in namespace ci (rate 2/s, burst 5, at most 12 pending)"
+say "POST /validate: a CI pipeline creates 40 pods in namespace ci (rate 2/s, burst 5, at most 12 pending)"
+send() { # i: one creation, its answer in $work/answer-i
+  review "u-$1" ci "burst-$1" | curl_tls -X POST -H 'Content-Type: application/json' --data-binary @- \
+    "https://127.0.0.1:$PORT/validate" >"$work/answer-$1"
+}
+# The first 20 at once, as a pipeline's fan-out does (the rate refuses past the burst), then,
+# after a pause, 20 one by one (the rate has refilled; the pending cap refuses).
+senders=()
+for i in $(seq 1 20); do send "$i" & senders+=($!); done
+wait "${senders[@]}"
 allowed=0; refused=0; rate_msg=""; pending_msg=""
 for i in $(seq 1 40); do
   if [ "$i" = 21 ]; then echo "  ... pausing 3s: the rate refills, the pending cap does not (offline, nothing starts)"; sleep 3; fi
-  out=$(review "u-$i" ci "burst-$i" | curl_tls -X POST -H 'Content-Type: application/json' --data-binary @- \
-    "https://127.0.0.1:$PORT/validate")
+  [ "$i" -le 20 ] || send "$i"
+  out=$(cat "$work/answer-$i")
   line=$(python3 -c '
 import json, sys
 r = json.loads(sys.argv[1])["response"]
@@ -95,7 +105,7 @@ if r["allowed"]:
     print("allowed")
 else:
     s = r["status"]
-    print("refused %s %s retryAfterSeconds=%s\t%s" % (s["code"], s["reason"], s["details"]["retryAfterSeconds"], s["message"]))
+    print("refused %s %s retryAfterSeconds=%s\t%s" % (s["code"], s["reason"], s.get("details", {}).get("retryAfterSeconds"), s["message"]))
 ' "$out")
   case "$line" in
     allowed) allowed=$((allowed + 1)); printf '  burst-%-3s allowed\n' "$i" ;;
@@ -111,6 +121,16 @@ echo "  allowed $allowed, refused $refused"
 [ "$allowed" -ge 5 ] && [ "$allowed" -le 12 ] || fail "expected 5 to 12 admitted, got $allowed"
 [ -n "$rate_msg" ] || fail "expected the rate limit to refuse"
 [ -n "$pending_msg" ] || fail "expected the pending cap to refuse"
+
+say "the same refusal to the Job controller: no retryAfterSeconds, so client-go does not sleep in its create call and the controller's work queue retries"
+out=$(review u-41 ci burst-41 system:serviceaccount:kube-system:job-controller | curl_tls -X POST \
+  -H 'Content-Type: application/json' --data-binary @- "https://127.0.0.1:$PORT/validate")
+python3 -c '
+import json, sys
+s = json.loads(sys.argv[1])["response"]["status"]
+assert s["code"] == 429 and "retryAfterSeconds" not in s.get("details", {}), s
+print("  burst-41  refused %s %s (no retryAfterSeconds)" % (s["code"], s["reason"]))
+' "$out" || fail "expected the Job controller to be refused without retryAfterSeconds: $out"
 
 say "what kubectl shows for these refusals (kube-apiserver passes retryAfterSeconds on as Retry-After)"
 for msg in "$rate_msg" "$pending_msg"; do

@@ -1,6 +1,7 @@
 //! The `bulwark` command: logging, the runtime, and dispatch to the subcommand (see `cli`).
 
 mod cli;
+mod commands;
 
 use std::process::ExitCode;
 

@@ -10,15 +10,20 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::{
-    admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration},
-    core::v1::Secret,
+use k8s_openapi::{
+    ByteString,
+    api::{
+        admissionregistration::v1::{
+            MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
+        },
+        core::v1::Secret,
+    },
 };
-use kube::{Api, Client};
+use kube::{Api, Client, Resource, api::PostParams};
 
 use super::{
     pem_blocks,
-    sync::{CONFIGURATION_KINDS, ca_bundle_text, named_watch, set_ca_bundle},
+    sync::{ca_bundle_text, named_watch},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +54,89 @@ pub struct CaBundleOptions {
 /// a failure.
 const RECHECK: Duration = Duration::from_secs(300);
 const RETRY: Duration = Duration::from_secs(5);
+
+fn client_configs_mutating(c: &mut MutatingWebhookConfiguration) -> Vec<&mut WebhookClientConfig> {
+    c.webhooks
+        .iter_mut()
+        .flatten()
+        .map(|w| &mut w.client_config)
+        .collect()
+}
+
+fn client_configs_validating(
+    c: &mut ValidatingWebhookConfiguration,
+) -> Vec<&mut WebhookClientConfig> {
+    c.webhooks
+        .iter_mut()
+        .flatten()
+        .map(|w| &mut w.client_config)
+        .collect()
+}
+
+/// Sets the caBundle of every webhook in the named configuration. `Ok(false)`: it does not
+/// exist (yet: an install applies it alongside the Deployment).
+async fn sync_bundle<K>(
+    api: Api<K>,
+    name: &str,
+    bundle: &ByteString,
+    configs: fn(&mut K) -> Vec<&mut WebhookClientConfig>,
+) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let Some(mut obj) = api.get_opt(name).await? else {
+        return Ok(false);
+    };
+    let mut changed = false;
+    for c in configs(&mut obj) {
+        if c.ca_bundle.as_ref() != Some(bundle) {
+            c.ca_bundle = Some(bundle.clone());
+            changed = true;
+        }
+    }
+    if changed {
+        api.replace(name, &PostParams::default(), &obj).await?;
+        tracing::info!(
+            kind = %K::kind(&Default::default()),
+            name,
+            "caBundle updated"
+        );
+    }
+    Ok(true)
+}
+
+/// Sets `bundle_pem` as the caBundle of every webhook in the Mutating- and the
+/// ValidatingWebhookConfiguration called `name`; for each, `Ok(false)` if it does not exist.
+pub async fn set_ca_bundle(
+    client: &Client,
+    name: &str,
+    bundle_pem: &str,
+) -> [Result<bool, kube::Error>; 2] {
+    let bundle = ByteString(bundle_pem.as_bytes().to_vec());
+    [
+        sync_bundle(
+            Api::<MutatingWebhookConfiguration>::all(client.clone()),
+            name,
+            &bundle,
+            client_configs_mutating,
+        )
+        .await,
+        sync_bundle(
+            Api::<ValidatingWebhookConfiguration>::all(client.clone()),
+            name,
+            &bundle,
+            client_configs_validating,
+        )
+        .await,
+    ]
+}
+
+/// The kinds [`set_ca_bundle`] answers for, in its order.
+pub const CONFIGURATION_KINDS: [&str; 2] = [
+    "MutatingWebhookConfiguration",
+    "ValidatingWebhookConfiguration",
+];
 
 /// Pure: the bundle to set, if `ca_crt` is one: certificates only, at least one, each
 /// parseable. A Secret being rewritten by hand must not empty the caBundle.

@@ -6,6 +6,7 @@ use http::Method;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::serve::managed::cabundle::set_ca_bundle;
 use crate::{
     metrics::webhook::WebhookMetrics,
     serve::managed::tests::wanted,
