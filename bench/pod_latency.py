@@ -5,6 +5,10 @@ turns (the order alternates between rounds):
 - `noop`: bulwark's two registrations (the same rules, matchConditions, timeouts) pointed at a
   no-op webhook that allows everything (`bulwark-bench-ceiling --allow`): the floor any pair of
   webhooks costs;
+- `noop-patch` (for the pod without resources only): the same two registrations pointed at a
+  no-op webhook whose mutating answer carries a JSON patch of the size and shape bulwark's
+  defaults make (`--mutate-patch`): the floor of any defaulting webhook, since kube-apiserver
+  then applies the patch and decodes the pod again;
 - `noop-validate`: only the validating registration, pointed at the no-op webhook: the floor of
   one webhook, what a pod that needs no defaulting should cost with bulwark;
 - `bulwark`: bulwark's own two registrations.
@@ -30,7 +34,10 @@ import urllib.request
 import kube
 
 NS = "latency"
-ARMS = ["without", "noop", "noop-validate", "bulwark"]
+ARMS = ["without", "noop", "noop-patch", "noop-validate", "bulwark"]
+# Arms that measure only one kind of pod: a pod with every resource set skips the mutating
+# call, so a patching no-op webhook is the plain no-op for it.
+ONLY = {"noop-patch": "no-resources"}
 FULL = {
     "requests": {"cpu": "10m", "memory": "16Mi"},
     "limits": {"cpu": "100m", "memory": "64Mi"},
@@ -57,7 +64,7 @@ def create_delete(client, n, sink, errors, body):
     for _ in range(n):
         status, _, payload, seconds = client.request("POST", f"/api/v1/namespaces/{NS}/pods", body)
         if status != 201:
-            errors.append(status)
+            errors.append(f"{status} {payload[:300]!r}" if len(errors) < 5 else status)
             continue
         sink.append(seconds * 1000)
         name = json.loads(payload)["metadata"]["name"]
@@ -125,10 +132,14 @@ def phase(cluster, arm, kind, rnd, a, rows):
     rows += [(arm, kind, f"concurrent-{a.workers}", rnd, round(ms, 3)) for ms in conc]
     for c in clients + [main]:
         c.close()
+    def ms(values, q):
+        p = kube.percentile(values, q)
+        return "-" if p is None else f"{p:.2f}"
+
     print(
-        f"  {arm:>13} {kind:>12}: serial p50 {kube.percentile(serial, 50):.2f} ms "
-        f"p99 {kube.percentile(serial, 99):.2f} ms; concurrent p50 "
-        f"{kube.percentile(conc, 50):.2f} ms p99 {kube.percentile(conc, 99):.2f} ms, "
+        f"  {arm:>13} {kind:>12}: serial p50 {ms(serial, 50)} ms "
+        f"p99 {ms(serial, 99)} ms; concurrent p50 "
+        f"{ms(conc, 50)} ms p99 {ms(conc, 99)} ms, "
         f"{len(conc) / wall:.0f} creates/s; errors {errors[:5]} ({len(errors)})",
         flush=True,
     )
@@ -155,14 +166,22 @@ def registered(api):
     return webhook_calls(api) > before
 
 
+# The no-op registrations have a name of their own: `bulwark cabundle` keeps the caBundle of
+# the configurations named "bulwark" equal to bulwark's CA, which would make kube-apiserver
+# refuse the no-op webhook's certificate.
+NOOP_NAME = "bulwark-bench-noop"
+
+
 def noop_registrations(saved, url, ca_pem, validate_only):
-    """bulwark's registrations, pointed at the no-op webhook at `url`."""
+    """bulwark's registrations (rules, matchConditions, timeouts), under NOOP_NAME, pointed at
+    the no-op webhook at `url`."""
     out = {}
     bundle = base64.b64encode(ca_pem.encode()).decode()
     for plural, obj in saved.items():
         if validate_only and plural.startswith("mutating"):
             continue
         obj = copy.deepcopy(obj)
+        obj["metadata"]["name"] = NOOP_NAME
         for hook in obj.get("webhooks", []):
             path = "/mutate" if plural.startswith("mutating") else "/validate"
             hook["clientConfig"] = {"url": url + path, "caBundle": bundle}
@@ -170,10 +189,17 @@ def noop_registrations(saved, url, ca_pem, validate_only):
     return out
 
 
-def switch(api, arm, saved, noop, noop_validate):
+def switch(api, arm, saved, noop, noop_patch, noop_validate):
     """Registers what `arm` measures and waits until the API server calls it (or nothing)."""
     kube.delete_webhooks(api)
-    want = {"without": None, "noop": noop, "noop-validate": noop_validate, "bulwark": saved}[arm]
+    kube.delete_webhooks(api, NOOP_NAME)
+    want = {
+        "without": None,
+        "noop": noop,
+        "noop-patch": noop_patch,
+        "noop-validate": noop_validate,
+        "bulwark": saved,
+    }[arm]
     if want is None:
         deadline = time.monotonic() + 60
         while registered(api):
@@ -202,6 +228,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--noop-url", required=True, help="the no-op webhook, https://HOST:PORT")
     ap.add_argument("--noop-ca", required=True, help="PEM CA of the no-op webhook's certificate")
+    ap.add_argument(
+        "--noop-patch-url", required=True, help="the no-op webhook that patches on /mutate"
+    )
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     cluster = kube.Cluster(a.dir)
@@ -220,6 +249,7 @@ def main():
     with open(a.noop_ca) as f:
         ca = f.read()
     noop = noop_registrations(saved, a.noop_url, ca, False)
+    noop_patch = noop_registrations(saved, a.noop_patch_url, ca, False)
     noop_validate = noop_registrations(saved, a.noop_url, ca, True)
     kinds = ["no-resources", "resources"]
     rows, errors, calls = [], 0, {}
@@ -228,17 +258,21 @@ def main():
             order = ARMS if rnd % 2 else list(reversed(ARMS))
             print(f"round {rnd}: {' / '.join(order)}", flush=True)
             for arm in order:
-                switch(api, arm, saved, noop, noop_validate)
+                switch(api, arm, saved, noop, noop_patch, noop_validate)
                 time.sleep(1)
                 for kind in kinds:
-                    before = where_time_goes(cluster, api) if arm == "bulwark" else None
+                    if ONLY.get(arm, kind) != kind:
+                        continue
+                    timed = arm in ("bulwark", "noop-patch")
+                    before = where_time_goes(cluster, api) if timed else None
                     errors += phase(cluster, arm, kind, rnd, a, rows)
                     if before is not None:
                         after = where_time_goes(cluster, api)
                         for key, (ms, n) in mean_ms(before, after).items():
-                            calls.setdefault((kind, key), []).append((ms, n))
+                            calls.setdefault((arm, kind, key), []).append((ms, n))
     finally:
         kube.delete_webhooks(api)
+        kube.delete_webhooks(api, NOOP_NAME)
         kube.create_webhooks(api, saved)
 
     with open(a.out + ".csv", "w", newline="") as f:
@@ -257,6 +291,8 @@ def main():
         for load in loads:
             for arm in ARMS:
                 n, p50, p99 = stats(arm, kind, load)
+                if n == 0:
+                    continue
                 lines.append(f"| {kind} | {load} | {arm} | {n} | {p50:.2f} | {p99:.2f} |")
 
     def verdict(r):
@@ -273,6 +309,8 @@ def main():
         for load in loads:
             _, b50, b99 = stats("bulwark", kind, load)
             floors = [("noop", "two no-op webhooks")]
+            if kind == "no-resources":
+                floors.append(("noop-patch", "two no-op webhooks, the mutating one patching"))
             if kind == "resources":
                 floors.append(("noop-validate", "one no-op webhook"))
             floors.append(("without", "no webhook (context)"))
@@ -284,16 +322,16 @@ def main():
                 )
     split = [
         "",
-        "Mean time per webhook call during the bulwark phases, as kube-apiserver and bulwark's",
-        "handler see it:",
+        "Mean time per webhook call during the bulwark and noop-patch phases, as kube-apiserver",
+        "and (for bulwark) its handler see it:",
         "",
-        "| pod | view {labels} | mean ms per call | calls |",
-        "|---|---|---:|---:|",
+        "| arm | pod | view {labels} | mean ms per call | calls |",
+        "|---|---|---|---:|---:|",
     ]
-    for (kind, key), vals in sorted(calls.items()):
+    for (arm, kind, key), vals in sorted(calls.items()):
         n = sum(c for _, c in vals)
         mean = sum(ms * c for ms, c in vals) / n
-        split.append(f"| {kind} | `{key}` | {mean:.3f} | {n} |")
+        split.append(f"| {arm} | {kind} | `{key}` | {mean:.3f} | {n} |")
     text = "\n".join(lines + ratios + split) + f"\n\nfailed creates: {errors}\n"
     with open(a.out + ".md", "w") as f:
         f.write(text)

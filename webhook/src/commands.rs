@@ -1,12 +1,15 @@
 //! What each subcommand does with its parsed arguments (`cli`): turn them into the
 //! library's options and run.
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::sync::watch;
 
 use anyhow::Context;
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use bulwark::{
     config::Config,
+    metrics::nodes::NodeMetrics,
     nodes::controller::NodeControllerOptions,
     serve::{
         managed::{
@@ -73,8 +76,22 @@ async fn node_controller(args: NodeControllerArgs) -> anyhow::Result<()> {
         lease_namespace: own_namespace(args.lease_namespace),
         lease_name: args.lease_name,
     };
-    bulwark::nodes::controller::run(client, opts, Some(args.metrics_listen), shutdown_signal())
-        .await?;
+    let metrics = Arc::new(NodeMetrics::new());
+    // Served for the life of the process, which ends with the controller.
+    let (stop_metrics, stopped) = watch::channel(false);
+    let (local, serving) = bulwark::serve::serve_metrics(
+        args.metrics_listen,
+        metrics.clone(),
+        metrics.connections.listener("metrics"),
+        stopped,
+        Duration::from_secs(1),
+    )
+    .await?;
+    tracing::info!(%local, "metrics listening");
+    let ran = bulwark::nodes::controller::run(client, opts, metrics, shutdown_signal()).await;
+    let _ = stop_metrics.send(true);
+    let _ = serving.await;
+    ran?;
     tracing::info!("stopped");
     Ok(())
 }

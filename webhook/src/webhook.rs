@@ -199,6 +199,7 @@ impl Webhook {
             (
                 webhook.metrics.tls.clone(),
                 webhook.metrics.connections.clone(),
+                webhook.metrics.reviews_authenticated.clone(),
             ),
             ServeOptions {
                 listen: opts.listen,

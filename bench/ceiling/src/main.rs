@@ -7,9 +7,11 @@
 //!
 //! With `--allow` instead of `--response`, it is the floor any webhook costs kube-apiserver
 //! (bench/pod-latency.sh): a no-op webhook that reads each AdmissionReview only for its uid and
-//! allows it.
+//! allows it. `--mutate-patch FILE` adds that JSON patch to its answers on `/mutate`: the floor
+//! of a defaulting webhook, which makes kube-apiserver apply a patch and decode the pod again.
 //!
-//! Usage: bulwark-bench-ceiling --tls-cert F --tls-key F --listen ADDR (--response FILE | --allow)
+//! Usage: bulwark-bench-ceiling --tls-cert F --tls-key F --listen ADDR
+//!          (--response FILE | --allow [--mutate-patch FILE])
 
 use std::{convert::Infallible, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
@@ -41,8 +43,9 @@ struct Args {
 enum Answer {
     /// These bytes, whatever was asked.
     Constant(Bytes),
-    /// Allowed, with the review's uid: the least a webhook can do.
-    Allow,
+    /// Allowed, with the review's uid: the least a webhook can do; on `/mutate` with this
+    /// JSON patch (base64, as kube-apiserver reads it), if any.
+    Allow { mutate_patch: Option<Arc<str>> },
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -50,6 +53,7 @@ fn parse_args() -> Result<Args, String> {
     let mut key = None;
     let mut listen = None;
     let mut response = None;
+    let mut mutate_patch = None;
     let mut allow = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -69,6 +73,7 @@ fn parse_args() -> Result<Args, String> {
                 )
             }
             "--response" => response = Some(PathBuf::from(value)),
+            "--mutate-patch" => mutate_patch = Some(PathBuf::from(value)),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -77,7 +82,27 @@ fn parse_args() -> Result<Args, String> {
         (Some(path), false) => Answer::Constant(Bytes::from(
             std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?,
         )),
-        (None, true) => Answer::Allow,
+        (None, true) => Answer::Allow {
+            mutate_patch: match mutate_patch {
+                None => None,
+                Some(path) => {
+                    let text =
+                        std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                    serde_json::from_slice::<serde_json::Value>(&text)
+                        .ok()
+                        .filter(serde_json::Value::is_array)
+                        .ok_or_else(|| {
+                            format!("{}: not a JSON patch (an array)", path.display())
+                        })?;
+                    use base64::Engine;
+                    Some(
+                        base64::engine::general_purpose::STANDARD
+                            .encode(text)
+                            .into(),
+                    )
+                }
+            },
+        },
         _ => return Err("give either --response FILE or --allow".into()),
     };
     Ok(Args {
@@ -116,13 +141,19 @@ struct Uid<'a> {
     uid: std::borrow::Cow<'a, str>,
 }
 
-/// The allowing AdmissionReview for `body`, or `None` when it is not one.
-fn allow(body: &[u8]) -> Option<Bytes> {
+/// The allowing AdmissionReview for `body` (with `patch`, if given), or `None` when it is not
+/// one.
+fn allow(body: &[u8], patch: Option<&str>) -> Option<Bytes> {
     let review: Review = serde_json::from_slice(body).ok()?;
+    let mut response = serde_json::json!({"uid": review.request.uid, "allowed": true});
+    if let Some(patch) = patch {
+        response["patchType"] = "JSONPatch".into();
+        response["patch"] = patch.into();
+    }
     let answer = serde_json::json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
-        "response": {"uid": review.request.uid, "allowed": true},
+        "response": response,
     });
     serde_json::to_vec(&answer).ok().map(Bytes::from)
 }
@@ -140,6 +171,7 @@ async fn answer(
         );
         r
     };
+    let mutating = req.uri().path() == "/mutate";
     if req.method() != Method::POST {
         return Ok(reply(StatusCode::METHOD_NOT_ALLOWED, Bytes::new()));
     }
@@ -151,7 +183,10 @@ async fn answer(
     };
     Ok(match answer {
         Answer::Constant(bytes) => reply(StatusCode::OK, bytes),
-        Answer::Allow => match allow(&body.to_bytes()) {
+        Answer::Allow { mutate_patch } => match allow(
+            &body.to_bytes(),
+            mutate_patch.as_deref().filter(|_| mutating),
+        ) {
             Some(bytes) => reply(StatusCode::OK, bytes),
             None => reply(StatusCode::BAD_REQUEST, Bytes::new()),
         },

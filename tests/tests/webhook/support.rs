@@ -330,8 +330,13 @@ pub async fn metric(server: &TestServer, series: &str) -> f64 {
 
 /// The server's `/metrics` page, read over plain HTTP/1.0 from its metrics listener.
 pub async fn scrape(server: &TestServer) -> String {
+    scrape_at(server.metrics_addr).await
+}
+
+/// The `/metrics` page of the metrics listener at `addr`, over plain HTTP/1.0.
+pub async fn scrape_at(addr: SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(server.metrics_addr)
+    let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect metrics");
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")

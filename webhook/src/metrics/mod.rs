@@ -2,12 +2,14 @@
 //! [`nodes`]) and sets them itself; gauges that describe another part's state are set by
 //! whoever wires the parts together, at scrape time. Every label takes values from a fixed set
 //! (endpoints, verdicts, refusal reasons, annotation names), never namespaces or pod names, so
-//! cardinality is bounded. Both programs serve their registry with [`serve`].
+//! cardinality is bounded. Both programs serve their registry with [`router`], through the webhook's bounded
+//! connection path (`serve::serve_metrics`).
 
+pub mod conn;
 pub mod nodes;
 pub mod webhook;
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus::{Encoder, Registry, TextEncoder};
@@ -56,23 +58,4 @@ async fn metrics(State(scrape): State<Arc<dyn Scrape>>) -> impl IntoResponse {
         )],
         scrape.scrape(),
     )
-}
-
-/// Binds `addr` and serves [`router`] until `shutdown` resolves; returns the bound address
-/// and the serving task. The webhook serves its metrics through its own bounded connection
-/// path instead (`serve::conn`).
-pub async fn serve(
-    addr: SocketAddr,
-    scrape: Arc<dyn Scrape>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        let serving = axum::serve(listener, router(scrape)).with_graceful_shutdown(shutdown);
-        if let Err(e) = serving.await {
-            tracing::error!(error = %e, "metrics server");
-        }
-    });
-    Ok((local, task))
 }

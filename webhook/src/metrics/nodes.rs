@@ -2,7 +2,7 @@
 
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use super::{Scrape, encode, register, registry};
+use super::{Scrape, conn::ConnMetrics, encode, register, registry};
 
 /// Everything `bulwark node-controller` exports.
 pub struct NodeMetrics {
@@ -13,6 +13,8 @@ pub struct NodeMetrics {
     pub leader: IntGauge,
     pub findings: IntGaugeVec,
     pub signal_to_taint: Histogram,
+    /// The metrics listener's connections.
+    pub connections: ConnMetrics,
 }
 
 impl NodeMetrics {
@@ -73,6 +75,7 @@ impl NodeMetrics {
                 )
                 .expect("valid metric"),
             ),
+            connections: ConnMetrics::new(r),
             registry,
         }
     }

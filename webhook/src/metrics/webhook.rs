@@ -7,7 +7,7 @@ use prometheus::{
     Registry,
 };
 
-use super::{Scrape, encode, register, registry};
+use super::{Scrape, conn::ConnMetrics, encode, register, registry};
 
 /// Everything `bulwark webhook` exports.
 pub struct WebhookMetrics {
@@ -17,44 +17,8 @@ pub struct WebhookMetrics {
     pub tls: TlsMetrics,
     pub cache: CacheGauges,
     pub connections: ConnMetrics,
-}
-
-/// Connections on both listeners (set by the server), and whether reviews are authenticated.
-#[derive(Clone)]
-pub struct ConnMetrics {
-    open: IntGaugeVec,
-    in_flight: IntGaugeVec,
-    closed: IntCounterVec,
+    /// 1 when reviews need a client certificate with a checked name (set by the server).
     pub reviews_authenticated: IntGauge,
-}
-
-/// One listener's connection metrics.
-#[derive(Clone)]
-pub struct ListenerMetrics {
-    listener: &'static str,
-    pub handshaking: IntGauge,
-    pub established: IntGauge,
-    pub in_flight: IntGauge,
-    closed: IntCounterVec,
-}
-
-impl ConnMetrics {
-    pub fn listener(&self, listener: &'static str) -> ListenerMetrics {
-        ListenerMetrics {
-            listener,
-            handshaking: self.open.with_label_values(&[listener, "handshake"]),
-            established: self.open.with_label_values(&[listener, "established"]),
-            in_flight: self.in_flight.with_label_values(&[listener]),
-            closed: self.closed.clone(),
-        }
-    }
-}
-
-impl ListenerMetrics {
-    /// A connection the server closed itself, and why (a fixed set of reasons).
-    pub fn closed(&self, why: &'static str) {
-        self.closed.with_label_values(&[self.listener, why]).inc();
-    }
 }
 
 /// How reviews were answered (set by the server and the answers).
@@ -237,42 +201,13 @@ impl WebhookMetrics {
                 &["resource"],
             ),
         };
-        let connections = ConnMetrics {
-            open: register(
-                r,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "connections",
-                        "Open connections, in handshake or established",
-                    ),
-                    &["listener", "state"],
-                )
-                .expect("valid metric"),
-            ),
-            in_flight: register(
-                r,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "requests_in_flight",
-                        "Requests being handled (h2 streams and HTTP/1.1 requests)",
-                    ),
-                    &["listener"],
-                )
-                .expect("valid metric"),
-            ),
-            closed: counter(
-                r,
-                "connections_closed_total",
-                "Connections the server closed itself, by why (limits, timeouts, failures)",
-                &["listener", "reason"],
-            ),
-            reviews_authenticated: int_gauge(
-                r,
-                "reviews_authenticated",
-                "1 when reviews need a client certificate of --client-ca (and a --client-name), \
-                 0 when anyone who reaches the port may send them",
-            ),
-        };
+        let connections = ConnMetrics::new(r);
+        let reviews_authenticated = int_gauge(
+            r,
+            "reviews_authenticated",
+            "1 when reviews need a client certificate of --client-ca (and a --client-name), \
+             0 when anyone who reaches the port may send them",
+        );
         let up_since = register(
             r,
             Gauge::new(
@@ -291,6 +226,7 @@ impl WebhookMetrics {
             tls,
             cache,
             connections,
+            reviews_authenticated,
         }
     }
 }

@@ -4,7 +4,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -133,16 +132,9 @@ impl Said {
 pub async fn run(
     client: Client,
     opts: NodeControllerOptions,
-    metrics_listen: Option<SocketAddr>,
+    metrics: Arc<NodeMetrics>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let metrics = Arc::new(NodeMetrics::new());
-    if let Some(addr) = metrics_listen {
-        // Served for the life of the process, which ends with the controller.
-        let (local, _) =
-            crate::metrics::serve(addr, metrics.clone(), std::future::pending()).await?;
-        tracing::info!(%local, "metrics listening");
-    }
     let nodes = store(Api::<Node>::all(client.clone()));
     let leases = store(Api::<Lease>::namespaced(
         client.clone(),

@@ -13,9 +13,12 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
 
+use prometheus::IntGauge;
+
 use crate::metrics::{
     Scrape,
-    webhook::{ConnMetrics, TlsMetrics},
+    conn::{ConnMetrics, ListenerMetrics},
+    webhook::TlsMetrics,
 };
 use conn::{Limits, Listener, Transport};
 use http::Service;
@@ -70,39 +73,28 @@ impl Running {
 pub async fn start(
     service: Arc<Service>,
     scrape: Arc<dyn Scrape>,
-    metrics: (TlsMetrics, ConnMetrics),
+    metrics: (TlsMetrics, ConnMetrics, IntGauge),
     opts: ServeOptions,
 ) -> Result<Running, ServerError> {
-    let (tls_metrics, conn_metrics) = metrics;
-    let bind_err = |addr| move |source| ServerError::Bind { addr, source };
-    let bind = |addr| async move {
-        let tcp = TcpListener::bind(addr).await.map_err(bind_err(addr))?;
-        let bound = tcp.local_addr().map_err(bind_err(addr))?;
-        Ok::<_, ServerError>((tcp, bound))
-    };
+    let (tls_metrics, conn_metrics, authenticated) = metrics;
     let (tcp, addr) = bind(opts.listen).await?;
     let acceptor = TlsAcceptor::from(opts.certs.server_config(opts.client_ca.as_ref())?);
-    announce_authentication(opts.client_ca.as_ref(), &conn_metrics);
+    announce_authentication(opts.client_ca.as_ref(), &authenticated);
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
     let mut metrics_addr = None;
     if let Some(m) = opts.metrics_listen {
-        let (tcp, bound) = bind(m).await?;
-        metrics_addr = Some(bound);
-        let listener = Listener {
-            tcp,
-            transport: Transport::Plain,
-            router: crate::metrics::router(scrape),
-            limits: Limits::metrics(),
-            metrics: conn_metrics.listener("metrics"),
-        };
-        let stop = stop_rx.clone();
-        tasks.push(tokio::spawn(conn::serve(
-            listener,
-            stop,
+        let (bound, task) = serve_metrics(
+            m,
+            scrape,
+            conn_metrics.listener("metrics"),
+            stop_rx.clone(),
             opts.drain_timeout,
-        )));
+        )
+        .await?;
+        metrics_addr = Some(bound);
+        tasks.push(task);
     }
 
     let reload = tokio::spawn(opts.certs.clone().watch(opts.reload_interval, tls_metrics));
@@ -131,12 +123,43 @@ pub async fn start(
     })
 }
 
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let bind_err = |source| ServerError::Bind { addr, source };
+    let tcp = TcpListener::bind(addr).await.map_err(bind_err)?;
+    let bound = tcp.local_addr().map_err(bind_err)?;
+    Ok((tcp, bound))
+}
+
+/// Binds `addr` and serves `GET /metrics` and `/healthz` of `scrape` over plain HTTP until
+/// `stop`, through the same bounded connection path as reviews with [`Limits::metrics`]: a
+/// scraper's port is reachable by more than the scraper. Both programs' metrics listener.
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    scrape: Arc<dyn Scrape>,
+    metrics: ListenerMetrics,
+    stop: watch::Receiver<bool>,
+    drain_timeout: Duration,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ServerError> {
+    let (tcp, bound) = bind(addr).await?;
+    let listener = Listener {
+        tcp,
+        transport: Transport::Plain,
+        router: crate::metrics::router(scrape),
+        limits: Limits::metrics(),
+        metrics,
+    };
+    Ok((
+        bound,
+        tokio::spawn(conn::serve(listener, stop, drain_timeout)),
+    ))
+}
+
 /// Says, in the log and in `bulwark_reviews_authenticated`, whether reviews are known to come
 /// from the API server: without it, anyone who reaches the port can send them.
-fn announce_authentication(clients: Option<&ClientCa>, metrics: &ConnMetrics) {
+fn announce_authentication(clients: Option<&ClientCa>, authenticated: &IntGauge) {
     match clients {
         None => {
-            metrics.reviews_authenticated.set(0);
+            authenticated.set(0);
             tracing::warn!(
                 "reviews are not authenticated (no --client-ca): anyone who reaches the port \
                  can send them; a forged review cannot raise a limit but can use up a \
@@ -144,14 +167,14 @@ fn announce_authentication(clients: Option<&ClientCa>, metrics: &ConnMetrics) {
             );
         }
         Some(ca) if ca.names().is_empty() => {
-            metrics.reviews_authenticated.set(0);
+            authenticated.set(0);
             tracing::warn!(
                 "reviews need a certificate of --client-ca but no --client-name is checked: \
                  any certificate that CA signed may send them"
             );
         }
         Some(ca) => {
-            metrics.reviews_authenticated.set(1);
+            authenticated.set(1);
             tracing::info!(names = ?ca.names(), "reviews only from client certificates naming these");
         }
     }

@@ -37,7 +37,7 @@ use super::{
     http::BodyBudget,
     tls::{ClientCa, ClientCert},
 };
-use crate::metrics::webhook::ListenerMetrics;
+use crate::metrics::conn::ListenerMetrics;
 
 mod registry;
 pub use registry::Limits;

@@ -12,7 +12,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use super::super::http;
 
-use crate::metrics::webhook::ListenerMetrics;
+use crate::metrics::conn::ListenerMetrics;
 
 /// What one listener allows. The defaults are sized for a webhook replica with a 256 MiB
 /// memory limit called by kube-apiserver (up to 25 pooled HTTP/1.1 connections per webhook
