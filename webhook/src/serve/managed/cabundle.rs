@@ -23,7 +23,7 @@ use kube::{Api, Client, Resource, api::PostParams};
 
 use super::{
     pem_blocks,
-    sync::{ca_bundle_text, named_watch},
+    sync::{ca_bundle_text, secret_and_configurations},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -197,23 +197,12 @@ pub async fn sync_once(client: &Client, opts: &CaBundleOptions) -> Result<bool, 
 /// configuration (an edit or re-install that drops the caBundle is repaired at once).
 pub async fn run(client: Client, opts: CaBundleOptions, shutdown: impl Future<Output = ()>) {
     let name = &opts.webhook_configuration;
-    let mut events = futures::stream::select_all([
-        named_watch(
-            Api::<Secret>::namespaced(client.clone(), &opts.namespace),
-            &opts.secret,
-            "certificate Secret",
-        ),
-        named_watch(
-            Api::<MutatingWebhookConfiguration>::all(client.clone()),
-            name,
-            "MutatingWebhookConfiguration",
-        ),
-        named_watch(
-            Api::<ValidatingWebhookConfiguration>::all(client.clone()),
-            name,
-            "ValidatingWebhookConfiguration",
-        ),
-    ]);
+    let mut events = secret_and_configurations(
+        Api::<Secret>::namespaced(client.clone(), &opts.namespace),
+        &opts.secret,
+        &client,
+        name,
+    );
     let mut shutdown = std::pin::pin!(shutdown);
     let mut wait = Duration::ZERO;
     loop {

@@ -375,6 +375,29 @@ where
         .boxed()
 }
 
+/// Changes of the certificate Secret `secret` and of the two webhook configurations called
+/// `configurations`: what both the certificate sync and `bulwark cabundle` react to.
+pub(super) fn secret_and_configurations(
+    secrets: Api<Secret>,
+    secret: &str,
+    client: &Client,
+    configurations: &str,
+) -> futures::stream::SelectAll<Changes> {
+    futures::stream::select_all([
+        named_watch(secrets, secret, "certificate Secret"),
+        named_watch(
+            Api::<MutatingWebhookConfiguration>::all(client.clone()),
+            configurations,
+            "MutatingWebhookConfiguration",
+        ),
+        named_watch(
+            Api::<ValidatingWebhookConfiguration>::all(client.clone()),
+            configurations,
+            "ValidatingWebhookConfiguration",
+        ),
+    ])
+}
+
 /// Reacts to every change of the Secret and of the two webhook configurations (a caBundle
 /// that now holds a staged CA moves the renewal on), and to the planned times.
 async fn keep_current(
@@ -387,20 +410,12 @@ async fn keep_current(
 ) {
     // The Secret (another replica's write, `bulwark certs rotate`) and the two configurations
     // (`bulwark cabundle` setting the caBundle, or an edit dropping it).
-    let name = &opts.webhook_configuration;
-    let mut events = futures::stream::select_all([
-        named_watch(api.clone(), &opts.secret, "certificate Secret"),
-        named_watch(
-            Api::<MutatingWebhookConfiguration>::all(client.clone()),
-            name,
-            "MutatingWebhookConfiguration",
-        ),
-        named_watch(
-            Api::<ValidatingWebhookConfiguration>::all(client.clone()),
-            name,
-            "ValidatingWebhookConfiguration",
-        ),
-    ]);
+    let mut events = secret_and_configurations(
+        api.clone(),
+        &opts.secret,
+        &client,
+        &opts.webhook_configuration,
+    );
     loop {
         tokio::select! {
             event = events.next() => match event {
