@@ -83,34 +83,32 @@ fn parse_args() -> Result<Args, String> {
             std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?,
         )),
         (None, true) => Answer::Allow {
-            mutate_patch: match mutate_patch {
-                None => None,
-                Some(path) => {
-                    let text =
-                        std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-                    serde_json::from_slice::<serde_json::Value>(&text)
-                        .ok()
-                        .filter(serde_json::Value::is_array)
-                        .ok_or_else(|| {
-                            format!("{}: not a JSON patch (an array)", path.display())
-                        })?;
-                    use base64::Engine;
-                    Some(
-                        base64::engine::general_purpose::STANDARD
-                            .encode(text)
-                            .into(),
-                    )
-                }
-            },
+            mutate_patch: mutate_patch.as_deref().map(read_patch).transpose()?,
         },
         _ => return Err("give either --response FILE or --allow".into()),
     };
+    if matches!(answer, Answer::Constant(_)) && mutate_patch.is_some() {
+        return Err("--mutate-patch goes with --allow".into());
+    }
     Ok(Args {
         cert: need(cert, "--tls-cert")?,
         key: need(key, "--tls-key")?,
         listen: listen.ok_or("--listen is required")?,
         answer,
     })
+}
+
+/// The JSON patch in `path`, base64-encoded as an answer carries it.
+fn read_patch(path: &std::path::Path) -> Result<Arc<str>, String> {
+    use base64::Engine;
+    let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_slice::<serde_json::Value>(&text)
+        .ok()
+        .filter(serde_json::Value::is_array)
+        .ok_or_else(|| format!("{}: not a JSON patch (an array)", path.display()))?;
+    Ok(base64::engine::general_purpose::STANDARD
+        .encode(text)
+        .into())
 }
 
 fn tls_config(args: &Args) -> Result<Arc<rustls::ServerConfig>, String> {

@@ -3,7 +3,7 @@
 
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use super::register;
+use super::{counter, register};
 
 /// Connections on a program's listeners (set by the server).
 #[derive(Clone)]
@@ -48,16 +48,11 @@ impl ConnMetrics {
                 )
                 .expect("valid metric"),
             ),
-            closed: register(
+            closed: counter(
                 r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "connections_closed_total",
-                        "Connections the server closed itself, by why (limits, timeouts, failures)",
-                    ),
-                    &["listener", "reason"],
-                )
-                .expect("valid metric"),
+                "connections_closed_total",
+                "Connections the server closed itself, by why (limits, timeouts, failures)",
+                &["listener", "reason"],
             ),
         }
     }

@@ -12,7 +12,7 @@ pub mod webhook;
 use std::sync::Arc;
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
-use prometheus::{Encoder, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
 
 /// What a metrics endpoint answers, rendered at scrape time.
 pub trait Scrape: Send + Sync + 'static {
@@ -31,6 +31,14 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registr
         .register(Box::new(c.clone()))
         .expect("metric names are unique");
     c
+}
+
+/// A counter vector, registered.
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(
+        r,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
 }
 
 /// The Prometheus text of everything in `registry`.

@@ -7,7 +7,7 @@ use prometheus::{
     Registry,
 };
 
-use super::{Scrape, conn::ConnMetrics, encode, register, registry};
+use super::{Scrape, conn::ConnMetrics, counter, encode, register, registry};
 
 /// Everything `bulwark webhook` exports.
 pub struct WebhookMetrics {
@@ -55,13 +55,6 @@ pub struct CacheGauges {
     schedulable_nodes: IntGauge,
     age: GaugeVec,
     failing: GaugeVec,
-}
-
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    register(
-        r,
-        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
-    )
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
