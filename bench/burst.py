@@ -684,7 +684,8 @@ def on_signal(signum, _frame):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True)
-    ap.add_argument("--arm", choices=["with", "without", "with-retry-after"], required=True)
+    ap.add_argument("--arm", choices=["with", "without", "with-retry-after", "hold"],
+                    required=True)
     ap.add_argument("--label", default="", help="pair or cap run, for the report")
     ap.add_argument("--pods", type=int, default=20000)
     ap.add_argument("--jobs", type=int, default=100)
@@ -712,11 +713,15 @@ def main():
 
     # Same namespaces in every arm; the annotations only matter while bulwark is called.
     # Only the pending cap limits the burst: no rate limit, no live-pod limit.
-    kube.ensure_namespace(api, NS, {
+    burst_ns = {
         "bulwark.io/pod-rate": "unlimited",
         "bulwark.io/max-pods": "unlimited",
         "bulwark.io/max-pending-pods": str(a.cap),
-    })
+    }
+    if a.arm == "hold":
+        # Over the cap, pods wait behind bulwark's scheduling gate instead of being refused.
+        burst_ns["bulwark.io/pending-action"] = "hold"
+    kube.ensure_namespace(api, NS, burst_ns)
     kube.ensure_namespace(api, PROBE_NS, {"bulwark.io/pod-rate": "unlimited"})
     kube.ensure_namespace(api, CI_NS, {"bulwark.io/max-pending-pods": str(a.ci_cap)})
     kube.ensure_namespace(api, TENANT_NS)

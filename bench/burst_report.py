@@ -23,7 +23,7 @@ def load_runs(results):
         with open(path) as f:
             for row in csv.DictReader(f, delimiter="\t"):
                 runs.append({"label": row["label"], "arm": row["arm"], "cap": row["cap"],
-                             "status": row["status"]})
+                             "status": row["status"], "started": row.get("started") or ""})
                 listed.add((row["label"], row["arm"]))
     for name in sorted(os.listdir(results)):
         if name.startswith("burst-") and name.endswith(".json") and name != "burst-report.json":
@@ -34,7 +34,7 @@ def load_runs(results):
                 status = "finished" if s.get("finished") else (
                     "interrupted" if s.get("interrupted") else "timed-out")
                 runs.append({"label": key[0], "arm": key[1], "cap": s.get("cap"),
-                             "status": status})
+                             "status": status, "started": ""})
                 listed.add(key)
     for r in runs:
         stem = os.path.join(results, f"burst-{r['arm']}-{r['label']}")
@@ -299,7 +299,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 out, runs = sys.argv[1], [a.split("|", 2) for a in sys.argv[2:]]
 fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(11, 11), sharex=True)
-colors = {"without": "tab:red", "with": "tab:blue", "with-retry-after": "tab:orange"}
+colors = {"without": "tab:red", "with": "tab:blue", "with-retry-after": "tab:orange",
+          "hold": "tab:green"}
 cap_colors = ["tab:green", "tab:purple", "tab:brown", "tab:olive", "tab:cyan"]
 styles = ["-", "--", ":", "-."]
 caps = 0
@@ -340,7 +341,8 @@ def main():
         print(f"no burst runs in {results}", file=sys.stderr)
         return 1
     first = next((r["summary"] for r in runs if r["summary"]), {}) or {}
-    report = {"runs": [{k: r[k] for k in ("label", "arm", "cap", "status")} for r in runs]}
+    report = {"runs": [{k: r[k] for k in ("label", "arm", "cap", "status", "started")}
+                       for r in runs]}
     pair_cap = next((r["cap"] for r in runs if r["label"].startswith("p") and r["arm"] != "without"),
                     None)
     md = [
@@ -351,21 +353,25 @@ def main():
         f"namespace max-pending-pods {pair_cap} in the pairs; node controller timers "
         f"`{first.get('node_timers')}`; kube-controller-manager --concurrent-job-syncs "
         f"{first.get('job_syncs') or '5 (default)'}; bulwark maxRetryAfterSeconds "
-        f"{first.get('max_retry_after')}. Each run on a fresh cluster, all from one invocation.",
+        f"{first.get('max_retry_after')}. Each run on a fresh cluster; the arms of a pair come from "
+        "one invocation, run one after the other (`started`: when each run began).",
         "",
         "## Runs",
         "",
-        "| label | arm | cap | status |",
-        "|---|---|---:|---|",
+        "| label | arm | cap | status | started |",
+        "|---|---|---:|---|---|",
     ]
     for r in runs:
         note = unfinished(r["summary"]) if r["summary"] else "no result"
         md.append(f"| {r['label']} | {r['arm']} | {r['cap'] if r['arm'] != 'without' else ''} | "
-                  f"{r['status']}{': ' + note if note else ''} |")
+                  f"{r['status']}{': ' + note if note else ''} | {r['started']} |")
     md += ["", "## Targets: with / without, per pair", ""]
     md += target_table(runs, "with", report)
     md += ["## Both forms: with-retry-after / without, per pair", ""]
     md += target_table(runs, "with-retry-after", report)
+    if any(r["arm"] == "hold" for r in runs):
+        md += ["## Hold mode: hold / without, per pair", ""]
+        md += target_table(runs, "hold", report)
     caps = cap_table(runs, report)
     if caps:
         md += ["## Cap curve (`with`, one run per max-pending-pods)", ""] + caps
