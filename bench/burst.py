@@ -39,6 +39,8 @@ from datetime import datetime
 import kube
 
 NS = "burst"
+# hold arm: the scheduling gate bulwark puts on pods it holds.
+HOLD_GATE = "bulwark.io/pending-cap"
 PROBE_NS = "probe"
 CI_NS = "ci"
 TENANT_NS = "tenant"
@@ -303,6 +305,8 @@ class Pods:
                 rec["gone"] = True
                 return
             rec["phase"] = phase
+            gates = (obj.get("spec") or {}).get("schedulingGates") or []
+            rec["held"] = any(g.get("name") == HOLD_GATE for g in gates)
             if phase in ("Running", "Succeeded") and rec["running"] is None:
                 rec["running"] = now
                 # The tenant's periodic pods are only there to be timed.
@@ -315,7 +319,7 @@ class Pods:
 
     def counts(self, ns):
         out = {"created": 0, "Pending": 0, "Running": 0, "Succeeded": 0, "Failed": 0,
-               "succeeded_ever": 0}
+               "succeeded_ever": 0, "held": 0}
         with self.lock:
             recs = [r for (n, _), r in self.pods.items() if n == ns]
         for r in recs:
@@ -324,6 +328,7 @@ class Pods:
                 out["succeeded_ever"] += 1
             if not r["gone"]:
                 out[r["phase"]] = out.get(r["phase"], 0) + 1
+                out["held"] += 1 if r.get("held") else 0
         return out
 
     def snapshot(self):
@@ -806,6 +811,8 @@ def main():
                 "t": round(t, 2),
                 "created": burst["created"],
                 "not_running": burst["Pending"],
+                # Hold arm: pods behind bulwark's gate (part of not_running, never attempted).
+                "held": burst["held"],
                 "running": burst["Running"],
                 "succeeded_pods": burst["succeeded_ever"],
                 "succeeded": status_succeeded,
@@ -920,6 +927,9 @@ def main():
         "pods_seen_succeeded": pods.counts(NS)["succeeded_ever"],
         "watch_relists": {"pods": pod_watch.relists, "jobs": job_watch.relists},
         "peak_not_running": peak("not_running"),
+        "peak_held": peak("held"),
+        # What the scheduler could see: pods not yet running and not behind bulwark's gate.
+        "peak_ungated_not_running": max((r["not_running"] - r["held"] for r in rows), default=None),
         "peak_unscheduled": peak("unscheduled"),
         "peak_uncounted": peak("uncounted"),
         "idle_rss_mib": idle_rss,

@@ -189,6 +189,8 @@ def row_values(s):
         ("  GET p99 / LIST p99, ms", f"{fmt(get(s, 'probe', 'get_99_ms'))} / {fmt(get(s, 'probe', 'list_99_ms'))}"),
         ("  requests (errors)", f"{fmt(get(s, 'probe', 'n'))} ({fmt(get(s, 'probe', 'errors'))})"),
         ("peak burst pods not yet running", get(s, "peak_not_running")),
+        ("  of them past bulwark's gate (peak) / held behind it (peak)",
+         f"{fmt(get(s, 'peak_ungated_not_running'))} / {fmt(get(s, 'peak_held'))}"),
         ("peak unscheduled (scheduler queue)", get(s, "peak_unscheduled")),
         ("scheduler attempts scheduled / unschedulable",
          f"{fmt(get(s, 'attempts', 'scheduled'), 0)} / {fmt(get(s, 'attempts', 'unschedulable'), 0)}"),

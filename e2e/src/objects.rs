@@ -25,6 +25,10 @@ pub const CABUNDLE_SERVICE_ACCOUNT: &str = "bulwark-cabundle";
 /// Registered webhook names: what kubectl shows in "admission webhook ... denied the request".
 pub const MUTATE_WEBHOOK: &str = "mutate.bulwark.io";
 pub const VALIDATE_WEBHOOK: &str = "validate.bulwark.io";
+/// Hold mode's gate, registered as deploy/components/hold does.
+pub const HOLD_WEBHOOK: &str = "hold.bulwark.io";
+/// The guard of bulwark's gate: only the releaser removes it.
+pub const GATE_WEBHOOK: &str = "gate.bulwark.io";
 pub const WEBHOOK_CONFIGURATION: &str = "bulwark";
 /// Namespaces the webhooks are never called for.
 pub const EXCLUDED_NAMESPACES: [&str; 2] = ["kube-system", "bulwark-system"];
@@ -85,10 +89,14 @@ pub fn kwok_node(index: u32, pods: u32) -> Node {
 }
 
 fn pods_create() -> Option<Vec<RuleWithOperations>> {
+    pods_rule("CREATE")
+}
+
+fn pods_rule(operation: &str) -> Option<Vec<RuleWithOperations>> {
     Some(vec![RuleWithOperations {
         api_groups: Some(strings(&[""])),
         api_versions: Some(strings(&["v1"])),
-        operations: Some(strings(&["CREATE"])),
+        operations: Some(strings(&[operation])),
         resources: Some(strings(&["pods"])),
         scope: Some("Namespaced".to_owned()),
     }])
@@ -127,6 +135,11 @@ pub fn mutate_conditions() -> Vec<MatchCondition> {
     ]
 }
 
+/// A pod UPDATE that removes bulwark's scheduling gate, as deploy/base matches it.
+pub const GATE_REMOVED: &str = "request.operation == 'UPDATE' && has(oldObject.spec.schedulingGates) \
+    && oldObject.spec.schedulingGates.exists(g, g.name == 'bulwark.io/pending-cap') \
+    && !(has(object.spec.schedulingGates) && object.spec.schedulingGates.exists(g, g.name == 'bulwark.io/pending-cap'))";
+
 fn client_config(url: String) -> WebhookClientConfig {
     WebhookClientConfig {
         url: Some(url),
@@ -135,7 +148,48 @@ fn client_config(url: String) -> WebhookClientConfig {
     }
 }
 
-/// The two registrations for a webhook served at `base_url` (e.g. `https://127.0.0.1:8443`),
+fn mutating_webhook(
+    name: &str,
+    client_config: WebhookClientConfig,
+    match_conditions: Option<Vec<MatchCondition>>,
+) -> MutatingWebhook {
+    MutatingWebhook {
+        name: name.to_owned(),
+        client_config,
+        rules: pods_create(),
+        admission_review_versions: strings(&["v1"]),
+        side_effects: "NoneOnDryRun".to_owned(),
+        timeout_seconds: Some(3),
+        failure_policy: Some("Fail".to_owned()),
+        namespace_selector: not_excluded(),
+        reinvocation_policy: Some("Never".to_owned()),
+        match_conditions,
+        ..MutatingWebhook::default()
+    }
+}
+
+fn validating_webhook(
+    name: &str,
+    client_config: WebhookClientConfig,
+    rules: Option<Vec<RuleWithOperations>>,
+    match_conditions: Option<Vec<MatchCondition>>,
+) -> ValidatingWebhook {
+    ValidatingWebhook {
+        name: name.to_owned(),
+        client_config,
+        rules,
+        admission_review_versions: strings(&["v1"]),
+        // The gate check has no side effects at all, which NoneOnDryRun covers too.
+        side_effects: "NoneOnDryRun".to_owned(),
+        timeout_seconds: Some(3),
+        failure_policy: Some("Fail".to_owned()),
+        namespace_selector: not_excluded(),
+        match_conditions,
+        ..ValidatingWebhook::default()
+    }
+}
+
+/// The registrations (mutate and hold, validate) for a webhook served at `base_url` (e.g. `https://127.0.0.1:8443`),
 /// with the settings docs/architecture.md asks for ("Registration"): pods CREATE only,
 /// `NoneOnDryRun`, a short timeout, exempt namespaces excluded. The e2e cluster fails closed so
 /// a broken webhook shows. No caBundle: `bulwark cabundle` sets it from the webhook's Secret.
@@ -146,35 +200,29 @@ pub fn webhook_configurations(
         name: Some(WEBHOOK_CONFIGURATION.to_owned()),
         ..ObjectMeta::default()
     };
+    let url = |path: &str| client_config(format!("{base_url}{path}"));
     let mutating = MutatingWebhookConfiguration {
         metadata: meta.clone(),
-        webhooks: Some(vec![MutatingWebhook {
-            name: MUTATE_WEBHOOK.to_owned(),
-            client_config: client_config(format!("{base_url}/mutate")),
-            rules: pods_create(),
-            admission_review_versions: strings(&["v1"]),
-            side_effects: "NoneOnDryRun".to_owned(),
-            timeout_seconds: Some(3),
-            failure_policy: Some("Fail".to_owned()),
-            namespace_selector: not_excluded(),
-            reinvocation_policy: Some("Never".to_owned()),
-            match_conditions: Some(mutate_conditions()),
-            ..MutatingWebhook::default()
-        }]),
+        webhooks: Some(vec![
+            mutating_webhook(MUTATE_WEBHOOK, url("/mutate"), Some(mutate_conditions())),
+            // Every pod: a fully specified one may need holding too.
+            mutating_webhook(HOLD_WEBHOOK, url("/hold"), None),
+        ]),
     };
     let validating = ValidatingWebhookConfiguration {
         metadata: meta,
-        webhooks: Some(vec![ValidatingWebhook {
-            name: VALIDATE_WEBHOOK.to_owned(),
-            client_config: client_config(format!("{base_url}/validate")),
-            rules: pods_create(),
-            admission_review_versions: strings(&["v1"]),
-            side_effects: "NoneOnDryRun".to_owned(),
-            timeout_seconds: Some(3),
-            failure_policy: Some("Fail".to_owned()),
-            namespace_selector: not_excluded(),
-            ..ValidatingWebhook::default()
-        }]),
+        webhooks: Some(vec![
+            validating_webhook(VALIDATE_WEBHOOK, url("/validate"), pods_create(), None),
+            validating_webhook(
+                GATE_WEBHOOK,
+                url("/validate"),
+                pods_rule("UPDATE"),
+                Some(vec![MatchCondition {
+                    name: "removes-bulwarks-gate".to_owned(),
+                    expression: GATE_REMOVED.to_owned(),
+                }]),
+            ),
+        ]),
     };
     (mutating, validating)
 }

@@ -13,7 +13,7 @@ use bulwark::policy::{
 };
 use libfuzzer_sys::fuzz_target;
 
-const KEYS: [&str; 8] = [
+const KEYS: [&str; 9] = [
     "bulwark.io/mode",
     "bulwark.io/pod-rate",
     "bulwark.io/pod-burst",
@@ -21,6 +21,7 @@ const KEYS: [&str; 8] = [
     "bulwark.io/max-pending-pods",
     "bulwark.io/default-requests",
     "bulwark.io/default-limits",
+    "bulwark.io/pending-action",
     "bulwark.io/other",
 ];
 
@@ -106,5 +107,6 @@ fn copy_knob(into: &mut Policy, from: &Policy, knob: bulwark::policy::Knob) {
         Knob::MaxPendingPods => into.max_pending_pods = from.max_pending_pods,
         Knob::DefaultRequests => into.default_requests = from.default_requests,
         Knob::DefaultLimits => into.default_limits = from.default_limits,
+        Knob::PendingAction => into.pending_action = from.pending_action,
     }
 }

@@ -42,6 +42,20 @@ pub enum Command {
     /// Keep the webhook configurations' caBundle equal to the self-managed certificate
     /// Secret's ca.crt (its own process and ServiceAccount: the webhook may not write them).
     Cabundle(CabundleArgs),
+    /// Let every pod held behind bulwark's scheduling gate go at once (hold mode; run it
+    /// before uninstalling, or `kubectl -n bulwark-system exec deploy/bulwark-webhook --
+    /// bulwark release --all`).
+    Release(ReleaseArgs),
+}
+
+#[derive(Parser)]
+pub struct ReleaseArgs {
+    /// Every held pod in the cluster (the only form for now: named so it is never a slip).
+    #[arg(long, required = true)]
+    pub(crate) all: bool,
+    /// kubeconfig to reach the API server; default: in-cluster config, then $KUBECONFIG.
+    #[arg(long)]
+    pub(crate) kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -165,6 +179,14 @@ pub struct WebhookArgs {
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, default_value_t = 25)]
     pub(crate) drain_seconds: u64,
+    /// Run hold mode's releaser: on the replica holding the `bulwark-releaser` Lease, remove
+    /// bulwark's scheduling gate from held pods while the pending caps have room (needs
+    /// patch on pods: the hold component / Helm `hold.enabled` grants it).
+    #[arg(long)]
+    pub(crate) release_held_pods: bool,
+    /// The releaser's request budget per second (each release is a PATCH and an Event).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub(crate) release_qps: u32,
 }
 
 /// Self-managed certificates: kept in a Secret, renewed before expiry, caBundle kept current.

@@ -11,6 +11,7 @@ use bulwark::{
     config::Config,
     metrics::nodes::NodeMetrics,
     nodes::controller::NodeControllerOptions,
+    release::Budget,
     serve::{
         managed::{
             Wanted,
@@ -48,6 +49,7 @@ impl Command {
             Command::Certs(args) => certs(args).await,
             Command::Status(args) => status(args).await,
             Command::Cabundle(args) => cabundle(args).await,
+            Command::Release(args) => release_all(args).await,
         }
     }
 }
@@ -93,6 +95,24 @@ async fn node_controller(args: NodeControllerArgs) -> anyhow::Result<()> {
     let _ = serving.await;
     ran?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+async fn release_all(args: ReleaseArgs) -> anyhow::Result<()> {
+    debug_assert!(args.all);
+    let client = kube_client(args.kubeconfig, false).await?;
+    let releaser = bulwark::release::gate::Releaser::new(client, pod_name());
+    let (released, failed) = releaser
+        .release_all()
+        .await
+        .context("listing pods to release")?;
+    println!("released {released} held pods");
+    if !failed.is_empty() {
+        for f in &failed {
+            eprintln!("bulwark: not released: {f}");
+        }
+        anyhow::bail!("{} held pods could not be released", failed.len());
+    }
     Ok(())
 }
 
@@ -317,6 +337,10 @@ async fn webhook(args: WebhookArgs) -> anyhow::Result<()> {
         reload_interval: Duration::from_secs(args.cert_reload_seconds.max(1)),
         drain_timeout: Duration::from_secs(args.drain_seconds),
         limits: Default::default(),
+        releaser: args.release_held_pods.then(|| Budget {
+            per_second: f64::from(args.release_qps),
+            burst: f64::from(args.release_qps) * 2.0,
+        }),
     })
     .await?;
     shutdown_signal().await;

@@ -139,6 +139,7 @@ impl Config {
                 pods,
                 quota,
                 queueing,
+                releaser: None,
             },
             node_controller: nodes::Settings::parse(&raw.node_controller)?,
         })

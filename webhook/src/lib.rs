@@ -7,7 +7,8 @@
 //! ```text
 //! webhook   the library entry: wires and starts everything `bulwark webhook` runs
 //! serve     HTTPS routes, connections, TLS, self-managed certificates
-//! review    AdmissionReview wire format, the defaults patch, the two webhooks' answers
+//! release   hold mode's releaser: lets held pods past the gate in the line's order
+//! review    AdmissionReview wire format, the defaults and gate patches, the webhooks' answers
 //! quota     rate and count decisions, the ledger, and the ClusterView port they read
 //! cluster   watch caches behind that port (the arrow points up: it implements the port)
 //! policy    namespace policy from annotations, quantities, pod facts
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod nodes;
 pub mod policy;
 pub mod quota;
+pub mod release;
 pub mod review;
 pub mod serve;
 pub mod status;

@@ -15,6 +15,7 @@ use crate::{
     cluster::{self, cache::Cache, cache::Watched},
     metrics::{Scrape, webhook::WebhookMetrics},
     quota::{ledger::Ledger, throttled::Throttled, view::ClusterView},
+    release::{self, Budget, ReleaserOptions},
     review::{self, answer::Admitter, answer::Answered, wire::ReviewError},
     serve::{
         self, Running, ServeOptions, ServerError,
@@ -69,6 +70,9 @@ pub struct WebhookOptions {
     pub drain_timeout: Duration,
     /// Connection limits of the HTTPS listener; the default in production.
     pub limits: Limits,
+    /// Run hold mode's releaser (with the API server only): on one replica at a time, it lets
+    /// pods past bulwark's scheduling gate while the caps have room, spending at most this.
+    pub releaser: Option<Budget>,
 }
 
 /// The webhook's decision parts, wired together.
@@ -144,6 +148,12 @@ impl Webhook {
         if let Some(ns) = &opts.own_namespace {
             settings.pods.own_namespace(ns);
         }
+        // The releaser runs as the webhook's ServiceAccount (deploy/base).
+        settings.releaser = Some(format!(
+            "system:serviceaccount:{}:bulwark-webhook",
+            opts.own_namespace.as_deref().unwrap_or("bulwark-system")
+        ));
+        let quota = settings.quota.clone();
         let webhook = Webhook::new(settings, opts.client.is_none());
         let certs = match (opts.certificates, &opts.client) {
             (Certificates::Files { cert, key }, _) => CertStore::load(cert, key)?,
@@ -160,6 +170,7 @@ impl Webhook {
             opts.identity.clone(),
             webhook.throttled.clone(),
         );
+        let mut releaser = None;
         match &opts.client {
             None => tracing::info!(
                 "offline: no API server; policy from config, counts from own admissions"
@@ -173,6 +184,26 @@ impl Webhook {
                         service,
                         webhook.ledger.clone(),
                     );
+                }
+                if let Some(budget) = opts.releaser {
+                    let identity = opts
+                        .identity
+                        .clone()
+                        .unwrap_or_else(|| format!("bulwark-webhook-{}", std::process::id()));
+                    releaser = Some(release::spawn(
+                        client.clone(),
+                        webhook.cache.clone(),
+                        quota,
+                        ReleaserOptions {
+                            namespace: opts
+                                .own_namespace
+                                .clone()
+                                .unwrap_or_else(|| "bulwark-system".to_owned()),
+                            identity,
+                            budget,
+                        },
+                        webhook.metrics.release.clone(),
+                    ));
                 }
                 cluster::feeds::spawn(
                     client.clone(),
@@ -217,6 +248,7 @@ impl Webhook {
             running,
             sweeper,
             throttled,
+            releaser,
         })
     }
 }
@@ -225,7 +257,11 @@ impl Webhook {
 impl Scrape for Webhook {
     fn scrape(&self) -> String {
         let (cache, gauges, now) = (&self.cache, &self.metrics.cache, Instant::now());
-        gauges.set_pods(cache.live_pods(), cache.cluster_pending());
+        gauges.set_pods(
+            cache.live_pods(),
+            cache.cluster_pending(),
+            cache.cluster_held(),
+        );
         gauges.set_reservations(self.ledger.reserved());
         gauges.set_replicas(self.ledger.replicas());
         if let Some(n) = cache.schedulable_nodes() {
@@ -248,6 +284,7 @@ pub struct Started {
     pub running: Running,
     sweeper: tokio::task::JoinHandle<()>,
     throttled: tokio::task::JoinHandle<()>,
+    releaser: Option<release::Running>,
 }
 
 impl Started {
@@ -259,11 +296,15 @@ impl Started {
         self.running.metrics_addr
     }
 
-    /// Stops accepting, drains in-flight requests, and stops the sweeper and the Throttled
-    /// Event publisher.
+    /// Stops accepting, drains in-flight requests, and stops the sweeper, the Throttled
+    /// Event publisher and the releaser (held pods stay held: the releaser gives its Lease up
+    /// for the next replica, and `bulwark release --all` lets them all go).
     pub async fn shutdown(self) {
         self.running.shutdown().await;
         self.sweeper.abort();
         self.throttled.abort();
+        if let Some(r) = self.releaser {
+            r.stop().await;
+        }
     }
 }

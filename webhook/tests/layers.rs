@@ -13,7 +13,7 @@ use std::{
 
 /// Each top-level module and the modules it may use. Leaves (`value`, `backoff`, `metrics`)
 /// use nothing of bulwark's.
-const ALLOWED: [(&str, &[&str]); 12] = [
+const ALLOWED: [(&str, &[&str]); 13] = [
     ("value", &[]),
     ("backoff", &[]),
     ("metrics", &[]),
@@ -26,12 +26,18 @@ const ALLOWED: [(&str, &[&str]); 12] = [
     ("review", &["quota", "policy", "metrics", "value"]),
     ("serve", &["review", "metrics", "backoff", "value"]),
     ("nodes", &["policy", "metrics", "backoff", "value"]),
+    (
+        "release",
+        &[
+            "cluster", "quota", "policy", "nodes", "metrics", "backoff", "value",
+        ],
+    ),
     ("config", &["review", "quota", "policy", "nodes", "value"]),
     (
         "webhook",
         &[
             "serve", "review", "quota", "cluster", "policy", "metrics", "backoff", "value",
-            "config",
+            "config", "release",
         ],
     ),
     // `bulwark status`, beside the flow: it counts pods as the webhook's cache does and parses

@@ -259,6 +259,8 @@ impl State {
                 "--ca-retire-seconds=3".into(),
                 // The rate is shared among the ready endpoints of this Service (a test makes some).
                 "--peers-service=bulwark-webhook".into(),
+                // Hold mode's releaser, as deploy/components/hold runs it.
+                "--release-held-pods".into(),
                 // Reviews only from kube-apiserver's client certificate, by its name, as
                 // deploy/overlays/mtls runs it.
                 format!("--client-ca={}", d(&p.webhook_client_ca)),

@@ -106,6 +106,12 @@ impl Cluster {
             &base.join("namespace.yaml").display().to_string(),
             "-f",
             &base.join("rbac.yaml").display().to_string(),
+            // And hold mode's grants (deploy/components/hold): the e2e cluster registers it.
+            "-f",
+            &deploy_dir()
+                .join("components/hold/rbac.yaml")
+                .display()
+                .to_string(),
         ])?;
 
         // bulwark's ConfigMap as an install has it, with the config the webhook runs on: where

@@ -38,6 +38,7 @@ async fn renderings(ctx: &Ctx) -> anyhow::Result<(Vec<Rendering>, Vec<Rendering>
             "overlays/removal-cluster-api",
         ),
         ("kustomize mtls", "overlays/mtls"),
+        ("kustomize hold", "overlays/hold"),
     ] {
         let dir = deploy.join(dir).display().to_string();
         let out = ctx.kubectl(&["kustomize", &dir], None).await?;
@@ -72,6 +73,7 @@ async fn renderings(ctx: &Ctx) -> anyhow::Result<(Vec<Rendering>, Vec<Rendering>
             Some("nodeController.removal=cluster-api"),
         ),
         ("helm clientAuth", Some("webhook.clientAuth.enabled=true")),
+        ("helm hold", Some("hold.enabled=true")),
     ] {
         let mut cmd = tokio::process::Command::new(ctx.state().helm());
         cmd.args(["template", "bulwark", &chart]);
@@ -406,6 +408,11 @@ pub async fn rbac_is_least_privilege(ctx: &mut Ctx) -> anyhow::Result<()> {
         (W, "patch nodes", false),
         (W, "watch endpointslices.discovery.k8s.io -n $NS", true),
         (W, "watch endpointslices.discovery.k8s.io -n default", false),
+        // Hold mode's releaser (deploy/components/hold, applied in this cluster): it removes
+        // the gate, and holds its own Lease only.
+        (W, "patch pods -n default", true),
+        (W, "update lease/bulwark-releaser -n $NS", true),
+        (W, "update lease/bulwark-node-controller -n $NS", false),
         (N, "update nodes", true),
         (N, "patch nodes", false),
         // annotate and exec need no more; deleting nodes or annotating Machines comes with the

@@ -38,7 +38,7 @@ pub async fn wait_ready(metrics_port: u16, what: &str) -> anyhow::Result<()> {
 }
 
 /// Stops a process of the cluster without stalling the load task on the same runtime.
-fn stop(ctx: &mut Ctx, name: &str) -> bool {
+pub(crate) fn stop(ctx: &mut Ctx, name: &str) -> bool {
     tokio::task::block_in_place(|| ctx.cluster.stop_named(name, false))
 }
 

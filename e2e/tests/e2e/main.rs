@@ -15,6 +15,7 @@ mod cert_rotation;
 mod certs;
 mod deploy;
 mod faults;
+mod hold;
 mod node_controllers;
 mod nodes;
 mod operators;
@@ -57,6 +58,12 @@ use faults::{
     webhook_restart_under_load_loses_no_admission,
 };
 use futures::FutureExt;
+use hold::{
+    a_job_over_the_pending_cap_is_held_and_completes_without_a_refusal,
+    a_started_workflows_pods_are_released_before_a_new_workflows,
+    a_webhook_restarted_mid_line_loses_and_duplicates_nothing,
+    held_pods_go_when_the_namespace_stops_holding_and_other_gates_stay,
+};
 use node_controllers::{
     delete_node_removal_deletes_the_node, dry_run_changes_nothing, exec_removal_runs_the_command,
     leadership_fails_over, removals_stay_spaced_across_a_leader_change,
@@ -117,6 +124,10 @@ fn tests() -> Vec<(&'static str, TestFn)> {
         kustomize_and_helm_render_the_same_objects,
         job_of_300_completes_under_pending_cap,
         controllers_are_refused_without_retry_after,
+        a_job_over_the_pending_cap_is_held_and_completes_without_a_refusal,
+        held_pods_go_when_the_namespace_stops_holding_and_other_gates_stay,
+        a_started_workflows_pods_are_released_before_a_new_workflows,
+        a_webhook_restarted_mid_line_loses_and_duplicates_nothing,
         kubectl_bulwark_status_explains_a_throttled_job,
         a_namespace_reader_gets_its_row_and_a_clear_error_for_all,
         a_burst_of_refusals_makes_few_throttled_events,

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use bulwark_e2e::cluster::free_port;
 use k8s_openapi::api::{batch::v1::Job, core::v1::ServiceAccount};
 use kube::{
@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::{
     faults::{route_webhooks, wait_ready},
-    support::{Ctx, eventually, job, kubectl_run_while_blocked, metric_at, pod},
+    support::{Ctx, eventually, job, job_succeeded, kubectl_run_while_blocked, metric_at, pod},
 };
 
 const JOB_CONTROLLER: &str = "system:serviceaccount:kube-system:job-controller";
@@ -25,14 +25,14 @@ const ADMIN: &str = "e2e-admin";
 
 /// One pod creation kube-apiserver answered 429, from its audit log.
 #[derive(Debug)]
-struct Refusal {
+pub(crate) struct Refusal {
     user: String,
     /// `responseStatus.details.retryAfterSeconds`: what became the `Retry-After` header.
     retry_after: Option<u64>,
 }
 
 /// The 429s to pod creations in `ns`, from every audit file (rotated ones too).
-fn audited_refusals(ctx: &Ctx, ns: &str) -> anyhow::Result<Vec<Refusal>> {
+pub(crate) fn audited_refusals(ctx: &Ctx, ns: &str) -> anyhow::Result<Vec<Refusal>> {
     let log = ctx.state().audit_log();
     let dir = log.parent().context("audit log without a directory")?;
     let mut refusals = Vec::new();
@@ -109,11 +109,7 @@ async fn job_controller_form(ctx: &mut Ctx) -> anyhow::Result<()> {
     let start = Instant::now();
     jobs.create(&PostParams::default(), &job).await?;
     eventually(Duration::from_secs(180), "the Job to complete", || async {
-        let status = jobs.get("held").await?.status.unwrap_or_default();
-        if status.failed.unwrap_or(0) > 0 {
-            bail!("Job has failed pods");
-        }
-        Ok((status.succeeded.unwrap_or(0) >= PODS).then_some(()))
+        Ok((job_succeeded(&jobs, "held").await? >= PODS).then_some(()))
     })
     .await?;
     let took = start.elapsed();

@@ -476,6 +476,20 @@ pub async fn steady_load(ctx: &mut Ctx, prefix: &str) -> anyhow::Result<SteadyLo
     Ok(load)
 }
 
+/// How many of the Job's pods have succeeded; an error once any has failed, since every test
+/// Job's pods succeed.
+pub async fn job_succeeded(
+    jobs: &kube::Api<k8s_openapi::api::batch::v1::Job>,
+    name: &str,
+) -> anyhow::Result<i32> {
+    let status = jobs.get(name).await?.status.unwrap_or_default();
+    anyhow::ensure!(
+        status.failed.unwrap_or(0) == 0,
+        "Job {name} has failed pods"
+    );
+    Ok(status.succeeded.unwrap_or(0))
+}
+
 /// A Job of `pods` pods run all at once (parallelism = completions), of pause containers,
 /// never retried; `pod_spec` is merged into its pod template's spec.
 pub fn job(

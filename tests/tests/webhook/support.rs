@@ -102,6 +102,7 @@ impl TestServer {
             reload_interval: Duration::from_millis(50),
             drain_timeout: Duration::from_secs(5),
             limits,
+            releaser: None,
         })
         .await
         .expect("server starts");

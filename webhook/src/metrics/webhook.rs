@@ -17,6 +17,7 @@ pub struct WebhookMetrics {
     pub tls: TlsMetrics,
     pub cache: CacheGauges,
     pub connections: ConnMetrics,
+    pub release: ReleaseMetrics,
     /// 1 when reviews need a client certificate with a checked name (set by the server).
     pub reviews_authenticated: IntGauge,
 }
@@ -30,6 +31,14 @@ pub struct AdmissionMetrics {
     pub bad_requests: IntCounterVec,
     refusal_forms: IntCounterVec,
     retry_after: prometheus::Histogram,
+}
+
+/// Hold mode's releaser (set by the releaser).
+#[derive(Clone)]
+pub struct ReleaseMetrics {
+    releases: IntCounterVec,
+    held_seconds: prometheus::Histogram,
+    pub leader: IntGauge,
 }
 
 /// Invalid namespace annotations (set by the namespace watch).
@@ -160,7 +169,11 @@ impl WebhookMetrics {
             pods: register(
                 r,
                 IntGaugeVec::new(
-                    Opts::new("pods", "Pods in the watch cache, cluster-wide"),
+                    Opts::new(
+                        "pods",
+                        "Pods in the watch cache, cluster-wide: live, pending (past any gate \
+                         of bulwark's, not yet running), held (behind bulwark's gate)",
+                    ),
                     &["state"],
                 )
                 .expect("valid metric"),
@@ -195,6 +208,33 @@ impl WebhookMetrics {
             ),
         };
         let connections = ConnMetrics::new(r);
+        let release = ReleaseMetrics {
+            releases: counter(
+                r,
+                "pod_releases_total",
+                "Pods let past bulwark's scheduling gate (hold mode), by why (room: the caps \
+                 have room; not_enforced: the namespace no longer enforces) and result",
+                &["why", "result"],
+            ),
+            held_seconds: register(
+                r,
+                prometheus::Histogram::with_opts(
+                    HistogramOpts::new(
+                        "pod_held_seconds",
+                        "How long each released pod waited behind the gate, creation to release",
+                    )
+                    .buckets(vec![
+                        0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+                    ]),
+                )
+                .expect("valid metric"),
+            ),
+            leader: int_gauge(
+                r,
+                "releaser_leader",
+                "1 while this replica holds the releaser's Lease and releases held pods",
+            ),
+        };
         let reviews_authenticated = int_gauge(
             r,
             "reviews_authenticated",
@@ -219,6 +259,7 @@ impl WebhookMetrics {
             tls,
             cache,
             connections,
+            release,
             reviews_authenticated,
         }
     }
@@ -253,6 +294,16 @@ impl AdmissionMetrics {
     }
 }
 
+impl ReleaseMetrics {
+    /// One release attempt; `held` is the pod's time behind the gate when it succeeded.
+    pub fn released(&self, why: &str, result: &str, held: Option<Duration>) {
+        self.releases.with_label_values(&[why, result]).inc();
+        if let Some(held) = held {
+            self.held_seconds.observe(held.as_secs_f64());
+        }
+    }
+}
+
 impl PolicyMetrics {
     pub fn problem(&self, annotation: &str) {
         self.problems.with_label_values(&[annotation]).inc();
@@ -264,11 +315,12 @@ fn clamp(n: u64) -> i64 {
 }
 
 impl CacheGauges {
-    pub fn set_pods(&self, live: u64, pending: u64) {
+    pub fn set_pods(&self, live: u64, pending: u64, held: u64) {
         self.pods.with_label_values(&["live"]).set(clamp(live));
         self.pods
             .with_label_values(&["pending"])
             .set(clamp(pending));
+        self.pods.with_label_values(&["held"]).set(clamp(held));
     }
 
     pub fn set_reservations(&self, n: u64) {

@@ -18,9 +18,10 @@ pub const MAX_PODS: &str = "bulwark.io/max-pods";
 pub const MAX_PENDING_PODS: &str = "bulwark.io/max-pending-pods";
 pub const DEFAULT_REQUESTS: &str = "bulwark.io/default-requests";
 pub const DEFAULT_LIMITS: &str = "bulwark.io/default-limits";
+pub const PENDING_ACTION: &str = "bulwark.io/pending-action";
 
 /// Every knob, with its annotation and its key in the config's `defaults:` block.
-pub const KNOBS: [(Knob, &str, &str); 7] = [
+pub const KNOBS: [(Knob, &str, &str); 8] = [
     (Knob::Mode, MODE, "mode"),
     (Knob::PodRate, POD_RATE, "podRate"),
     (Knob::PodBurst, POD_BURST, "podBurst"),
@@ -28,6 +29,7 @@ pub const KNOBS: [(Knob, &str, &str); 7] = [
     (Knob::MaxPendingPods, MAX_PENDING_PODS, "maxPendingPods"),
     (Knob::DefaultRequests, DEFAULT_REQUESTS, "defaultRequests"),
     (Knob::DefaultLimits, DEFAULT_LIMITS, "defaultLimits"),
+    (Knob::PendingAction, PENDING_ACTION, "pendingAction"),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +41,7 @@ pub enum Knob {
     MaxPendingPods,
     DefaultRequests,
     DefaultLimits,
+    PendingAction,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -49,6 +52,26 @@ pub enum Mode {
     Warn,
     /// bulwark neither defaults nor limits pods in the namespace.
     Off,
+}
+
+/// What happens to a pod over a pending cap (max-pending-pods, the workflow share, the
+/// cluster cap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PendingAction {
+    /// Refused with 429: the client retries.
+    #[default]
+    Refuse,
+    /// Admitted behind bulwark's scheduling gate, released in order when there is room.
+    Hold,
+}
+
+impl PendingAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PendingAction::Refuse => "refuse",
+            PendingAction::Hold => "hold",
+        }
+    }
 }
 
 /// A sustained rate, kept as the interval between two creations (GCRA's emission interval).
@@ -124,6 +147,7 @@ pub struct Policy {
     pub max_pending_pods: Option<u32>,
     pub default_requests: ResourceDefaults,
     pub default_limits: ResourceDefaults,
+    pub pending_action: PendingAction,
 }
 
 impl Default for Policy {
@@ -147,6 +171,7 @@ impl Default for Policy {
                 cpu: Some(Cpu(1000)),
                 memory: Some(Memory(512 << 20)),
             },
+            pending_action: PendingAction::Refuse,
         }
     }
 }
@@ -156,6 +181,8 @@ impl Default for Policy {
 pub enum ValueError {
     #[error("expected one of enforce, warn, off")]
     Mode,
+    #[error("expected refuse or hold")]
+    PendingAction,
     #[error(
         "expected COUNT/UNIT with UNIT s, m or h and COUNT a whole number above 0 (e.g. 5/s, 300/m), or unlimited"
     )]
@@ -198,6 +225,14 @@ pub fn parse_mode(s: &str) -> Result<Mode, ValueError> {
         "warn" => Ok(Mode::Warn),
         "off" => Ok(Mode::Off),
         _ => Err(ValueError::Mode),
+    }
+}
+
+pub fn parse_pending_action(s: &str) -> Result<PendingAction, ValueError> {
+    match s.trim() {
+        "refuse" => Ok(PendingAction::Refuse),
+        "hold" => Ok(PendingAction::Hold),
+        _ => Err(ValueError::PendingAction),
     }
 }
 
@@ -270,6 +305,7 @@ impl Policy {
             Knob::MaxPendingPods => self.max_pending_pods = parse_count(value)?,
             Knob::DefaultRequests => self.default_requests = parse_resources(value)?,
             Knob::DefaultLimits => self.default_limits = parse_resources(value)?,
+            Knob::PendingAction => self.pending_action = parse_pending_action(value)?,
         }
         Ok(())
     }
@@ -383,6 +419,7 @@ mod tests {
             (POD_BURST, "many"),
             (MAX_PODS, "10"),
             (DEFAULT_LIMITS, "cpu=2"),
+            (PENDING_ACTION, " hold "),
             ("unrelated", "x"),
         ]);
         let (p, problems) = Policy::from_annotations(&defaults, Some(&ann));
@@ -392,6 +429,8 @@ mod tests {
         assert_eq!(p.max_pods, Some(10));
         assert_eq!(p.max_pending_pods, defaults.max_pending_pods);
         assert_eq!(p.default_limits.cpu, Some(Cpu(2000)));
+        assert_eq!(p.pending_action, PendingAction::Hold);
+        assert_eq!(defaults.pending_action, PendingAction::Refuse);
         assert_eq!(
             p.default_limits.memory, None,
             "annotation replaces the whole set"
@@ -417,6 +456,8 @@ mod tests {
             (DEFAULT_REQUESTS, "cpu=1,gpu=2"),
             (DEFAULT_REQUESTS, "cpu=-1"),
             (DEFAULT_LIMITS, "memory=12MB"),
+            (PENDING_ACTION, "queue"),
+            (PENDING_ACTION, "Hold"),
         ];
         for (annotation, value) in bad {
             let (p, problems) =

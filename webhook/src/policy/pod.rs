@@ -90,6 +90,30 @@ impl PodRules {
     }
 }
 
+/// bulwark's scheduling gate: a pod that carries it waits in bulwark's line, where
+/// kube-scheduler never looks, until the releaser removes it (hold mode).
+pub const HOLD_GATE: &str = "bulwark.io/pending-cap";
+/// On a pod held over a cap: which cap, and the count when it was admitted.
+pub const HELD_ANNOTATION: &str = "bulwark.io/held";
+
+/// Where bulwark's gate is in a pod's `spec.schedulingGates`, if the pod carries it.
+pub fn hold_gate(pod: &Pod) -> Option<usize> {
+    pod.spec
+        .as_ref()?
+        .scheduling_gates
+        .as_ref()?
+        .iter()
+        .position(|g| g.name == HOLD_GATE)
+}
+
+/// Whether a gate would keep the pod from the scheduler: one created with `spec.nodeName`
+/// set is bound already, and kube-apiserver refuses scheduling gates on it.
+pub fn can_be_gated(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .is_none_or(|s| s.node_name.as_deref().is_none_or(str::is_empty))
+}
+
 const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 const CRITICAL_PRIORITY_CLASSES: [&str; 2] = ["system-node-critical", "system-cluster-critical"];
 
@@ -248,6 +272,22 @@ mod tests {
                 (Held::All, None, false)
             );
         }
+    }
+
+    #[test]
+    fn the_gate_is_found_among_others_and_a_bound_pod_cannot_carry_one() {
+        let gated = pod(json!({"spec": {"containers": [], "schedulingGates": [
+            {"name": "example.com/quota"}, {"name": HOLD_GATE}
+        ]}}));
+        assert_eq!(hold_gate(&gated), Some(1));
+        let other = pod(json!({"spec": {"containers": [], "schedulingGates": [
+            {"name": "example.com/quota"}
+        ]}}));
+        assert_eq!(hold_gate(&other), None);
+        assert_eq!(hold_gate(&pod(json!({"metadata": {"name": "p"}}))), None);
+        assert!(can_be_gated(&other) && can_be_gated(&pod(json!({}))));
+        let bound = pod(json!({"spec": {"containers": [], "nodeName": "n1"}}));
+        assert!(!can_be_gated(&bound));
     }
 
     #[test]

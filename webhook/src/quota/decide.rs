@@ -139,6 +139,27 @@ fn expected(needed: u64, rate: f64, fallback: Duration) -> Duration {
     }
 }
 
+/// How much of a namespace's `max-pending-pods` one pod may fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    pub usable: u32,
+    /// The last pending slots, kept for workflows that already have running pods.
+    pub reserved: u32,
+}
+
+/// A pod of a workflow with no running pod yet leaves the reserved share to workflows already
+/// under way, so a flood of new workflows cannot stall those that have started; every other
+/// pod may use the whole cap. The admission check, the hold and the releaser all ask here.
+pub fn pending_share(limit: u32, reserved_percent: u8, new_workflow: bool) -> Share {
+    let reserved = limit * u32::from(reserved_percent.min(100)) / 100;
+    let usable = if new_workflow {
+        limit - reserved
+    } else {
+        limit
+    };
+    Share { usable, reserved }
+}
+
 /// Checks the count quotas (they consume nothing, so they go before the rate).
 pub fn check_counts(
     policy: &Policy,
@@ -163,13 +184,9 @@ pub fn check_counts(
         return Ok(());
     }
     if let Some(limit) = policy.max_pending_pods {
-        let reserved = limit * u32::from(workflow_reserved_percent.min(100)) / 100;
         let new_workflow = ask.workflow.filter(|_| !snap.workflow_started);
-        let usable = if new_workflow.is_some() {
-            limit - reserved
-        } else {
-            limit
-        };
+        let Share { usable, reserved } =
+            pending_share(limit, workflow_reserved_percent, new_workflow.is_some());
         if snap.pending >= usable {
             let expected = expected(
                 u64::from(snap.pending - usable) + 1 + u64::from(snap.waiting),

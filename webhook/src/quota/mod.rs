@@ -7,10 +7,12 @@
 //!   commit under one lock;
 //! - [`rate`] (GCRA), [`waiting`] (refused clients not yet due back), [`retry`]
 //!   (`retryAfterSeconds` with jitter), [`staleness`] (when counts stop being trusted);
-//! - [`throttled`]: which namespaces are due a Throttled Event summing up their refusals.
+//! - [`throttled`]: which namespaces are due a Throttled Event summing up their refusals;
+//! - [`line`]: hold mode's line, which pods behind bulwark's scheduling gate go next.
 
 pub mod decide;
 pub mod ledger;
+pub mod line;
 pub mod rate;
 pub mod refusal;
 pub mod retry;

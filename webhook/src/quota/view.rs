@@ -21,8 +21,13 @@ pub trait ClusterView: Send + Sync {
     }
     /// Live and pending pods of a namespace, and whether `workflow` already has pods there.
     fn pod_counts(&self, namespace: &str, workflow: Option<&str>, now: Instant) -> PodCounts;
-    /// Pods not yet running in the whole cluster (DaemonSet and mirror pods left out).
+    /// Pods not yet running in the whole cluster (DaemonSet and mirror pods, and pods behind
+    /// bulwark's gate, left out).
     fn cluster_pending(&self) -> u64;
+    /// Pods behind bulwark's gate in the whole cluster (hold mode).
+    fn cluster_held(&self) -> u64 {
+        0
+    }
     /// How fast pods leave the pending state cluster-wide, per second.
     fn cluster_drain_rate(&self, now: Instant) -> f64;
     /// Healthy, schedulable nodes; `None` while nodes are not watched (offline mode).
@@ -37,7 +42,10 @@ pub trait ClusterView: Send + Sync {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PodCounts {
     pub live: u32,
+    /// Not yet running and not behind bulwark's gate.
     pub pending: u32,
+    /// Behind bulwark's gate (hold mode).
+    pub held: u32,
     pub workflow_started: bool,
     /// Recent rate (per second) at which pods stopped being pending, and stopped being live.
     pub pending_drain_rate: f64,

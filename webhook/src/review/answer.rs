@@ -10,16 +10,19 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse};
 use super::{
     Settings,
     caller::RefusalForm,
-    defaults,
-    wire::{Review, too_many_requests},
+    defaults, hold,
+    wire::{Review, denied, too_many_requests},
 };
 use crate::{
     metrics::webhook::AdmissionMetrics,
-    policy::Mode,
+    policy::{
+        Mode,
+        pod::{can_be_gated, hold_gate},
+    },
     quota::{
-        decide::{Ask, Limits},
+        decide::{Ask, Limits, cluster_cap},
         ledger::{Commit, Ledger, Request},
-        retry,
+        line, retry,
         throttled::Throttled,
         view::{ClusterView, NamespaceInfo},
     },
@@ -146,8 +149,90 @@ impl Admitter {
         }
     }
 
+    /// `POST /hold`: in a namespace that holds pods over its pending caps, puts the pod
+    /// behind bulwark's scheduling gate ([`hold`]).
+    pub fn hold(&self, review: &Review, now: Instant) -> (AdmissionResponse, Answered) {
+        let allow = review.allow();
+        let Subject { pod, ns, info, .. } = match self.subject(review) {
+            Ok(found) => found,
+            Err(o) => return (allow, o),
+        };
+        if !line::holds(&info.policy) {
+            return (allow, answered("allowed", "not_holding"));
+        }
+        let facts = self.settings.pods.facts(pod, ns);
+        if facts.pending_exempt() {
+            return (allow, answered("allowed", "exempt_pod"));
+        }
+        if hold_gate(pod).is_some() {
+            return (allow, answered("allowed", "already_gated"));
+        }
+        if !can_be_gated(pod) {
+            // Bound already: the validating call holds it to the caps as in refuse mode.
+            return (allow, answered("allowed", "bound"));
+        }
+        let counts = self.view.pod_counts(ns, facts.workflow.as_deref(), now);
+        let cap = cluster_cap(&self.limits.cluster, self.view.schedulable_nodes());
+        let over = hold::over_cap(
+            &info.policy,
+            &counts,
+            facts.workflow.is_some() && !counts.workflow_started,
+            self.limits.workflow_reserved_percent,
+            (
+                self.view
+                    .cluster_pending()
+                    .saturating_add(self.view.cluster_held()),
+                cap,
+            ),
+        );
+        let patch = hold::patch(pod, over.as_deref());
+        match allow.clone().with_patch(patch) {
+            Ok(mut resp) => {
+                let reason = match &over {
+                    Some(over) => {
+                        resp.warnings = Some(vec![hold::warning(ns, over)]);
+                        "over_cap"
+                    }
+                    None => "under_cap",
+                };
+                (resp, answered("held", reason))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "serialising patch");
+                (allow, answered("allowed", "patch_error"))
+            }
+        }
+    }
+
+    /// A pod UPDATE that removes bulwark's gate (`gate.bulwark.io`, whose matchConditions
+    /// send nothing else): only the releaser may, or a tenant could create pods past the
+    /// pending caps behind the gate and then let them all go at once.
+    fn gate_removal(&self, review: &Review) -> Option<(AdmissionResponse, Answered)> {
+        let req = review.gate_removal()?;
+        let user = &req.user_info;
+        let username = user.username.as_deref().unwrap_or_default();
+        let allowed = self.settings.releaser.as_deref() == Some(username)
+            || user.groups.iter().flatten().any(|g| g == "system:masters");
+        if allowed {
+            return Some((review.allow(), answered("allowed", "releaser")));
+        }
+        let message = format!(
+            "bulwark: only bulwark's releaser removes scheduling gate {}: it lets held pods go \
+             in order while the pending caps have room (to let every held pod go: bulwark \
+             release --all)",
+            crate::policy::pod::HOLD_GATE
+        );
+        Some((
+            denied(review.allow(), &message, "Forbidden", 403),
+            answered("refused", "gate_removal"),
+        ))
+    }
+
     /// `POST /validate`: rate and count quotas.
     pub fn validate(&self, review: &Review, now: Instant) -> (AdmissionResponse, Answered) {
+        if let Some(answer) = self.gate_removal(review) {
+            return answer;
+        }
         let mut allow = review.allow();
         let Subject {
             req,
@@ -203,8 +288,11 @@ impl Admitter {
             );
         }
         let name = Some(name);
+        // Behind the gate in a holding namespace, the pod waits in the line for the pending
+        // caps (whoever put the gate there: it only delays the pod); rate and max-pods apply.
+        let held = line::holds(policy) && hold_gate(pod).is_some();
         let ask = Ask {
-            pending_exempt: facts.pending_exempt(),
+            pending_exempt: facts.pending_exempt() || held,
             workflow: facts.workflow.as_deref(),
         };
         let stale = self.view.stale(self.settings.quota.cache_stale_limit, now);
@@ -342,6 +430,105 @@ mod tests {
         cache.mark_synced(Watched::Pods, at);
         let (resp, o) = admitter.validate(&review("e"), at);
         assert!(!resp.allowed && o.reason == "max_pods", "{o:?}");
+    }
+
+    #[test]
+    fn a_holding_namespace_gates_its_pods_and_holds_the_gated_to_rate_and_max_pods_only() {
+        use crate::policy::{PendingAction, pod::HOLD_GATE};
+        let policy = Policy {
+            rate: None,
+            max_pods: Some(3),
+            max_pending_pods: Some(1),
+            pending_action: PendingAction::Hold,
+            ..Policy::default()
+        };
+        let (admitter, cache) = admitter_and_cache(policy, QueueingClients::default());
+        let t = Instant::now();
+        let pending = PodEntry {
+            state: PodState::Pending,
+            held: Held::All,
+            workflow: None,
+        };
+        cache.apply_pod("ci", "p0", pending, t);
+        let fixture = |uid: &str, gated: bool| {
+            let mut f = Fixture::pod_create().namespace("ci").uid(uid).name(uid);
+            if gated {
+                f.object_mut()["spec"]["schedulingGates"] =
+                    serde_json::json!([{"name": HOLD_GATE}]);
+            }
+            f
+        };
+        // Over the cap: gated, annotated, warned.
+        let (resp, o) = admitter.hold(&decode(&fixture("a", false).bytes()).unwrap(), t);
+        assert!(resp.allowed && o == answered("held", "over_cap"), "{o:?}");
+        assert!(resp.patch.is_some());
+        let warnings = resp.warnings.unwrap_or_default();
+        assert!(
+            warnings[0].contains("is at max-pending-pods 1 (1 pending, 0 held when admitted)"),
+            "{warnings:?}"
+        );
+        // Already gated: left alone. Bound: not gated.
+        let (_, o) = admitter.hold(&decode(&fixture("b", true).bytes()).unwrap(), t);
+        assert_eq!(o.reason, "already_gated");
+        let mut bound = fixture("c", false);
+        bound.object_mut()["spec"]["nodeName"] = serde_json::json!("n1");
+        let (_, o) = admitter.hold(&decode(&bound.bytes()).unwrap(), t);
+        assert_eq!(o.reason, "bound");
+
+        // The ungated pod is over max-pending-pods; gated ones pass it, up to max-pods.
+        let (resp, o) = admitter.validate(&decode(&fixture("d", false).bytes()).unwrap(), t);
+        assert!(!resp.allowed && o.reason == "max_pending", "{o:?}");
+        for uid in ["e", "f"] {
+            let (resp, o) = admitter.validate(&decode(&fixture(uid, true).bytes()).unwrap(), t);
+            assert!(resp.allowed, "{uid}: {o:?}");
+        }
+        let (resp, o) = admitter.validate(&decode(&fixture("g", true).bytes()).unwrap(), t);
+        assert!(!resp.allowed && o.reason == "max_pods", "{o:?}");
+    }
+
+    #[test]
+    fn only_the_releaser_removes_the_gate() {
+        use crate::policy::pod::HOLD_GATE;
+        let settings = Settings {
+            releaser: Some("system:serviceaccount:bulwark-system:bulwark-webhook".into()),
+            ..Settings::default()
+        };
+        let cache = Arc::new(Cache::new(Policy::default(), PodRules::default()));
+        let admitter = Admitter::new(
+            Arc::new(settings),
+            cache,
+            Arc::new(Ledger::new(Duration::from_secs(600), Instant::now())),
+            WebhookMetrics::new().admission,
+        );
+        let update = |user: &str, groups: &[&str], removes: bool| {
+            let f = Fixture::pod_create().namespace("ci").user(user, groups);
+            let mut v = f.into_value();
+            v["request"]["operation"] = serde_json::json!("UPDATE");
+            let mut old = v["request"]["object"].clone();
+            old["spec"]["schedulingGates"] = serde_json::json!([{"name": HOLD_GATE}]);
+            if !removes {
+                v["request"]["object"] = old.clone();
+            }
+            v["request"]["oldObject"] = old;
+            decode(&serde_json::to_vec(&v).unwrap()).unwrap()
+        };
+        let t = Instant::now();
+        let (resp, o) = admitter.validate(&update("tenant", &["system:authenticated"], true), t);
+        assert!(!resp.allowed && o.reason == "gate_removal", "{o:?}");
+        assert_eq!(resp.result.code, 403);
+        assert!(
+            resp.result
+                .message
+                .contains("only bulwark's releaser removes")
+        );
+        let releaser = "system:serviceaccount:bulwark-system:bulwark-webhook";
+        let (resp, _) = admitter.validate(&update(releaser, &[], true), t);
+        assert!(resp.allowed);
+        let (resp, _) = admitter.validate(&update("admin", &["system:masters"], true), t);
+        assert!(resp.allowed);
+        // An update that keeps the gate is none of the guard's business.
+        let (resp, o) = admitter.validate(&update("tenant", &[], false), t);
+        assert!(resp.allowed && o.reason == "not_pod_create", "{o:?}");
     }
 
     /// An admitter over an empty cache, for namespaces whose defaults are `policy`.

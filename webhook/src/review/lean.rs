@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
-    api::core::v1::{Container, Pod, PodSpec, ResourceRequirements},
+    api::core::v1::{Container, Pod, PodSchedulingGate, PodSpec, ResourceRequirements},
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
 use serde::Deserialize;
 
-/// A pod as bulwark reads it: metadata names, labels, annotations and owners, and each
-/// container's name and resources. The rest of the object (env, volumes, tolerations,
+/// A pod as bulwark reads it: metadata names, labels, annotations and owners, each
+/// container's name and resources, its priority class, node name and scheduling gates. The rest of the object (env, volumes, tolerations,
 /// managedFields, status...) is skipped by the parser without being built: building it made
 /// decoding 43-57% of a review's instructions (bench/throughput.md), and nothing reads it.
 /// apiVersion and kind are checked as k8s-openapi's Pod does, so other kinds fall through to
@@ -63,6 +63,8 @@ struct SpecView {
     containers: Vec<ContainerView>,
     init_containers: Option<Vec<ContainerView>>,
     priority_class_name: Option<String>,
+    node_name: Option<String>,
+    scheduling_gates: Option<Vec<PodSchedulingGate>>,
 }
 
 #[derive(Deserialize)]
@@ -104,6 +106,8 @@ impl<'de> Deserialize<'de> for LeanPod {
                 containers: containers(s.containers),
                 init_containers: s.init_containers.map(containers),
                 priority_class_name: s.priority_class_name,
+                node_name: s.node_name,
+                scheduling_gates: s.scheduling_gates,
                 ..PodSpec::default()
             }),
             status: None,

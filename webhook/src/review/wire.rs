@@ -13,6 +13,7 @@ use kube::core::{
 use serde::Serialize;
 
 use super::lean::LeanPod;
+use crate::policy::pod::hold_gate;
 
 const API_VERSION: &str = "admission.k8s.io/v1";
 const KIND: &str = "AdmissionReview";
@@ -61,6 +62,18 @@ impl Review {
             }
             _ => None,
         }
+    }
+
+    /// A pod UPDATE (not a subresource) that removes bulwark's scheduling gate.
+    pub fn gate_removal(&self) -> Option<&AdmissionRequest<Pod>> {
+        let Review::Pod(req) = self else {
+            return None;
+        };
+        let removed = req.operation == Operation::Update
+            && req.sub_resource.is_none()
+            && req.old_object.as_ref().and_then(hold_gate).is_some()
+            && req.object.as_ref().and_then(hold_gate).is_none();
+        removed.then_some(&**req)
     }
 
     /// An allowing response that echoes the request's uid.
@@ -190,6 +203,20 @@ pub fn encode(response: AdmissionResponse) -> Vec<u8> {
 /// TooManyRequests, which kube-apiserver keeps. With `retry_after_seconds` it carries
 /// `details.retryAfterSeconds` (at least 1), which kube-apiserver passes on as a `Retry-After`
 /// header that client-go waits out inside the call; without, the call fails at once.
+/// A refusal with `code` (403 Forbidden, ...) and `reason`.
+pub fn denied(
+    mut response: AdmissionResponse,
+    message: &str,
+    reason: &str,
+    code: u16,
+) -> AdmissionResponse {
+    response.allowed = false;
+    let mut status = Status::failure(message, reason);
+    status.code = code;
+    response.result = status;
+    response
+}
+
 pub fn too_many_requests(
     mut response: AdmissionResponse,
     message: String,
@@ -285,6 +312,8 @@ mod tests {
             },
             "spec": {
                 "priorityClassName": "system-node-critical",
+                "nodeName": "n1",
+                "schedulingGates": [{"name": "example.com/a"}, {"name": "bulwark.io/pending-cap"}],
                 "initContainers": [{"name": "init", "image": "i", "resources": {"limits": {"cpu": "1"}}}],
                 "containers": [
                     {"name": "a", "image": "i", "env": [{"name": "X", "value": "y"}], "resources": {"requests": {"memory": "1Gi"}}},
@@ -306,6 +335,8 @@ mod tests {
         assert_eq!(m.owner_references, f.owner_references);
         let (ls, fs) = (lean.spec.as_ref().unwrap(), full.spec.as_ref().unwrap());
         assert_eq!(ls.priority_class_name, fs.priority_class_name);
+        assert_eq!(ls.node_name, fs.node_name);
+        assert_eq!(ls.scheduling_gates, fs.scheduling_gates);
         let parts = |cs: &[k8s_openapi::api::core::v1::Container]| {
             cs.iter()
                 .map(|c| (c.name.clone(), c.resources.clone()))

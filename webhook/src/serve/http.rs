@@ -1,5 +1,5 @@
-//! The HTTPS routes: `/mutate` and `/validate` read a bounded body, answer it and count it;
-//! `/healthz` and `/readyz` are the probes. Everything wrong with a request becomes one
+//! The HTTPS routes: `/mutate`, `/validate` and `/hold` read a bounded body, answer it and
+//! count it; `/healthz` and `/readyz` are the probes. Everything wrong with a request becomes one
 //! [`RequestError`], turned into an HTTP status in one place.
 
 use std::{
@@ -89,11 +89,13 @@ impl IntoResponse for RequestError {
     }
 }
 
-/// The two review endpoints.
+/// The review endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     Mutate,
     Validate,
+    /// Hold mode's gate (a second mutating webhook, registered where hold is enabled).
+    Hold,
 }
 
 impl Endpoint {
@@ -101,6 +103,7 @@ impl Endpoint {
         match self {
             Endpoint::Mutate => "mutate",
             Endpoint::Validate => "validate",
+            Endpoint::Hold => "hold",
         }
     }
 }
@@ -151,6 +154,7 @@ impl Service {
         let (response, answered) = match endpoint {
             Endpoint::Mutate => self.admitter.mutate(&review),
             Endpoint::Validate => self.admitter.validate(&review, now),
+            Endpoint::Hold => self.admitter.hold(&review, now),
         };
         Ok((wire::encode(response), answered))
     }
@@ -169,6 +173,7 @@ pub fn router(service: Arc<Service>) -> Router {
     Router::new()
         .route("/mutate", post(mutate))
         .route("/validate", post(validate))
+        .route("/hold", post(hold))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(service)
@@ -191,6 +196,10 @@ async fn mutate(State(service): State<Arc<Service>>, req: Request) -> Response {
 
 async fn validate(State(service): State<Arc<Service>>, req: Request) -> Response {
     review(&service, Endpoint::Validate, req).await
+}
+
+async fn hold(State(service): State<Arc<Service>>, req: Request) -> Response {
+    review(&service, Endpoint::Hold, req).await
 }
 
 fn declared_too_large(headers: &HeaderMap) -> bool {

@@ -236,6 +236,7 @@ mod tests {
             PodTally {
                 live: 1,
                 pending: 0,
+                held: 0,
                 created_last_minute: 1
             }
         );

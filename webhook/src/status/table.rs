@@ -20,8 +20,8 @@ pub struct Row {
     pub exempt: bool,
     pub limits: Limits,
     pub pods: PodTally,
-    /// Pods bulwark holds back before they are created, beside `pods.pending`: not counted
-    /// yet, so `None`.
+    /// Pods waiting behind bulwark's scheduling gate (hold mode), beside `pods.pending`;
+    /// `None` when there are none.
     pub held: Option<u32>,
     /// Refusals over the last ten minutes by reason; `None` when bulwark's Events could not
     /// be read.
@@ -115,7 +115,7 @@ pub fn rows(
                 exempt: name == own_namespace || defaults.pods.is_exempt_namespace(&name),
                 limits: limits(defaults, ns.metadata.annotations.as_ref()),
                 pods: pods.get(&name).copied().unwrap_or_default(),
-                held: None,
+                held: pods.get(&name).map(|t| t.held).filter(|h| *h > 0),
                 refusals: refusals.map(|r| r.get(&name).cloned().unwrap_or_default()),
                 namespace: name,
             })
@@ -232,7 +232,13 @@ pub fn text(rows: &[Row], wide: bool) -> String {
             row.namespace.clone(),
             mode,
             used_of(row.pods.live, &l.max_pods),
-            used_of(row.pods.pending, &l.max_pending_pods),
+            match row.held {
+                Some(held) => format!(
+                    "{} +{held} held",
+                    used_of(row.pods.pending, &l.max_pending_pods)
+                ),
+                None => used_of(row.pods.pending, &l.max_pending_pods),
+            },
             format!(
                 "{} of {} ({})",
                 row.pods.created_last_minute,

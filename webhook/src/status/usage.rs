@@ -33,6 +33,8 @@ pub struct PodTally {
     pub live: u32,
     /// Not yet running, DaemonSet and mirror pods left out: what max-pending-pods counts.
     pub pending: u32,
+    /// Behind bulwark's scheduling gate (hold mode): live, not pending.
+    pub held: u32,
     /// Created within [`RATE_WINDOW`] before now (pods deleted since are not seen).
     pub created_last_minute: u32,
 }
@@ -68,6 +70,9 @@ pub fn count_pod(
     }
     if entry.counts_pending() {
         tally.pending += 1;
+    }
+    if entry.gated().is_some() {
+        tally.held += 1;
     }
     if pod
         .metadata
@@ -167,6 +172,7 @@ mod tests {
             PodTally {
                 live: 3,
                 pending: 1,
+                held: 0,
                 created_last_minute: 3,
             }
         );
@@ -175,6 +181,7 @@ mod tests {
             PodTally {
                 live: 1,
                 pending: 0,
+                held: 0,
                 created_last_minute: 0,
             }
         );
@@ -183,6 +190,7 @@ mod tests {
             PodTally {
                 live: 1,
                 pending: 1,
+                held: 0,
                 created_last_minute: 1,
             }
         );

@@ -24,6 +24,7 @@ pub use pods::{PodEntry, PodState};
 use crate::{
     policy::{Policy, Problem, pod::PodRules},
     quota::{
+        line::{HeldPod, Line},
         staleness::{Stale, WatchHealth},
         view::{ClusterView, NamespaceInfo, PodCounts},
     },
@@ -37,6 +38,7 @@ pub struct Cache {
     pods: DashMap<Box<str>, NamespacePods>,
     cluster_pending: AtomicU64,
     cluster_live: AtomicU64,
+    cluster_held: AtomicU64,
     cluster_drain: Mutex<DecayingRate>,
     nodes: DashMap<Box<str>, bool>,
     schedulable: AtomicU32,
@@ -75,6 +77,7 @@ impl Cache {
             pods: DashMap::new(),
             cluster_pending: AtomicU64::new(0),
             cluster_live: AtomicU64::new(0),
+            cluster_held: AtomicU64::new(0),
             cluster_drain: Mutex::new(DecayingRate::new()),
             nodes: DashMap::new(),
             schedulable: AtomicU32::new(0),
@@ -142,6 +145,53 @@ impl Cache {
         self.cluster_live.load(Ordering::Relaxed)
     }
 
+    /// Pods waiting behind bulwark's gate, cluster-wide.
+    pub fn cluster_held(&self) -> u64 {
+        self.cluster_held.load(Ordering::Relaxed)
+    }
+
+    /// The line of every namespace with held pods, as hold mode's releaser plans from it:
+    /// after a restart it is rebuilt from the gated pods the watch shows, so nothing waits
+    /// anywhere but on the pods themselves.
+    pub fn lines(&self) -> Vec<Line> {
+        let mut out = Vec::new();
+        for entry in self.pods.iter().filter(|e| e.held > 0) {
+            let ns = entry.value();
+            let mut held = Vec::with_capacity(ns.held as usize);
+            let mut started = HashSet::new();
+            for (name, pod) in &ns.pods {
+                match pod.gated() {
+                    Some(g) => held.push(HeldPod {
+                        name: Arc::from(&**name),
+                        created: g.created,
+                        gate: g.gate,
+                        workflow: pod.workflow.clone(),
+                    }),
+                    None => {
+                        if pod.live()
+                            && let Some(w) = &pod.workflow
+                        {
+                            started.insert(w.clone());
+                        }
+                    }
+                }
+            }
+            let namespace: &str = entry.key();
+            let policy = self
+                .namespaces
+                .get(namespace)
+                .map_or_else(|| self.defaults.clone(), |i| i.policy.clone());
+            out.push(Line {
+                namespace: Arc::from(namespace),
+                policy,
+                pending: ns.pending,
+                started,
+                held,
+            });
+        }
+        out
+    }
+
     // --- pods ---
 
     /// Records a pod; returns true when the cache did not know it before.
@@ -157,10 +207,10 @@ impl Cache {
         if let Some(old) = &old {
             ns.account(old, false);
         }
-        let (was_live, was_pending) = old
-            .as_ref()
-            .map_or((false, false), |o| (o.live(), o.counts_pending()));
-        self.adjust_cluster(was_live, entry.live(), was_pending, entry.counts_pending());
+        let was = old.as_ref().map_or(Counted::default(), Counted::of);
+        let was_pending = was.pending;
+        let was_live = was.live;
+        self.adjust_cluster(was, Counted::of(&entry));
         if was_pending && !entry.counts_pending() {
             ns.pending_drain.record(now);
             self.record_cluster_drain(now);
@@ -180,7 +230,7 @@ impl Cache {
             return;
         };
         ns.account(&old, false);
-        self.adjust_cluster(old.live(), false, old.counts_pending(), false);
+        self.adjust_cluster(Counted::of(&old), Counted::default());
         if old.counts_pending() {
             ns.pending_drain.record(now);
             self.record_cluster_drain(now);
@@ -221,8 +271,12 @@ impl Cache {
                 new_pods.push((namespace, name));
             }
         }
-        let (live, pending) = fresh.values().fold((0u64, 0u64), |(l, p), ns| {
-            (l + u64::from(ns.live), p + u64::from(ns.pending))
+        let (live, pending, held) = fresh.values().fold((0u64, 0u64, 0u64), |(l, p, h), ns| {
+            (
+                l + u64::from(ns.live),
+                p + u64::from(ns.pending),
+                h + u64::from(ns.held),
+            )
         });
         let keep: HashSet<&str> = fresh.keys().map(|k| &**k).collect();
         self.pods.retain(|k, _| keep.contains(&**k));
@@ -236,11 +290,12 @@ impl Cache {
         }
         self.cluster_live.store(live, Ordering::Relaxed);
         self.cluster_pending.store(pending, Ordering::Relaxed);
+        self.cluster_held.store(held, Ordering::Relaxed);
         self.mark_synced(Watched::Pods, now);
         new_pods
     }
 
-    fn adjust_cluster(&self, was_live: bool, live: bool, was_pending: bool, pending: bool) {
+    fn adjust_cluster(&self, was: Counted, now: Counted) {
         let adjust = |counter: &AtomicU64, before: bool, after: bool| match (before, after) {
             (false, true) => {
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -253,8 +308,9 @@ impl Cache {
             }
             _ => {}
         };
-        adjust(&self.cluster_live, was_live, live);
-        adjust(&self.cluster_pending, was_pending, pending);
+        adjust(&self.cluster_live, was.live, now.live);
+        adjust(&self.cluster_pending, was.pending, now.pending);
+        adjust(&self.cluster_held, was.held, now.held);
     }
 
     fn record_cluster_drain(&self, now: Instant) {
@@ -337,6 +393,24 @@ impl Cache {
     }
 }
 
+/// Which cluster-wide counters one pod entry is in.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counted {
+    live: bool,
+    pending: bool,
+    held: bool,
+}
+
+impl Counted {
+    fn of(e: &PodEntry) -> Counted {
+        Counted {
+            live: e.live(),
+            pending: e.counts_pending(),
+            held: e.gated().is_some(),
+        }
+    }
+}
+
 /// A node new pods can land on: Ready, not cordoned, and without a NoSchedule/NoExecute taint
 /// (bulwark's own `bulwark.io/unhealthy` taint among them).
 pub fn node_is_schedulable(node: &Node) -> bool {
@@ -376,6 +450,7 @@ impl ClusterView for Cache {
         PodCounts {
             live: ns.live,
             pending: ns.pending,
+            held: ns.held,
             workflow_started: workflow.is_some_and(|w| ns.workflows.contains_key(w)),
             pending_drain_rate: ns.pending_drain.decayed(now),
             live_drain_rate: ns.live_drain.decayed(now),
@@ -384,6 +459,10 @@ impl ClusterView for Cache {
 
     fn cluster_pending(&self) -> u64 {
         self.cluster_pending.load(Ordering::Relaxed)
+    }
+
+    fn cluster_held(&self) -> u64 {
+        Cache::cluster_held(self)
     }
 
     fn cluster_drain_rate(&self, now: Instant) -> f64 {

@@ -5,7 +5,7 @@ use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::policy::pod::{Held, PodRules};
+use crate::policy::pod::{Held, PodRules, hold_gate};
 
 /// What bulwark keeps of a pod: a few bits and the workflow it belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,9 +21,20 @@ pub struct PodEntry {
 pub enum PodState {
     /// Not yet running: unscheduled, or scheduled and starting.
     Pending,
+    /// Not yet running and behind bulwark's scheduling gate: live, but not pending, since the
+    /// scheduler does not see it. What the releaser needs to let it go is kept with it.
+    Held(Gated),
     Running,
     /// Succeeded or Failed: holds no quota.
     Terminal,
+}
+
+/// Where a held pod waits: when it was created (Unix seconds, the line's order) and the index
+/// of bulwark's gate in its `schedulingGates` (the releaser's patch names it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gated {
+    pub created: i64,
+    pub gate: u16,
 }
 
 impl PodEntry {
@@ -38,7 +49,19 @@ impl PodEntry {
             .unwrap_or("Pending");
         let state = match phase {
             "Succeeded" | "Failed" => PodState::Terminal,
-            "Pending" => PodState::Pending,
+            "Pending" => match hold_gate(pod) {
+                // Only a pod held to the pending caps waits in the line: one exempt from
+                // them gains nothing by the gate and is not bulwark's to release.
+                Some(gate) if facts.held == Held::All => PodState::Held(Gated {
+                    created: pod
+                        .metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .map_or(0, |t| t.0.as_second()),
+                    gate: u16::try_from(gate).unwrap_or(u16::MAX),
+                }),
+                _ => PodState::Pending,
+            },
             _ => PodState::Running,
         };
         PodEntry {
@@ -53,9 +76,18 @@ impl PodEntry {
         self.state != PodState::Terminal && self.held != Held::Nothing
     }
 
-    /// Counted as pending: not yet running, and held to the pending caps.
+    /// Counted as pending: not yet running, held to the pending caps, and not held back by
+    /// bulwark's gate.
     pub fn counts_pending(&self) -> bool {
         self.state == PodState::Pending && self.held == Held::All
+    }
+
+    /// Waiting in bulwark's line.
+    pub fn gated(&self) -> Option<Gated> {
+        match self.state {
+            PodState::Held(g) => Some(g),
+            _ => None,
+        }
     }
 }
 
@@ -97,6 +129,7 @@ pub(super) struct NamespacePods {
     pub(super) pods: HashMap<Box<str>, PodEntry>,
     pub(super) live: u32,
     pub(super) pending: u32,
+    pub(super) held: u32,
     pub(super) workflows: HashMap<Arc<str>, u32>,
     pub(super) pending_drain: DecayingRate,
     pub(super) live_drain: DecayingRate,
@@ -108,6 +141,7 @@ impl NamespacePods {
             pods: HashMap::new(),
             live: 0,
             pending: 0,
+            held: 0,
             workflows: HashMap::new(),
             pending_drain: DecayingRate::new(),
             live_drain: DecayingRate::new(),
@@ -128,6 +162,9 @@ impl NamespacePods {
         }
         if entry.counts_pending() {
             step(&mut self.pending);
+        }
+        if entry.gated().is_some() {
+            step(&mut self.held);
         }
         if let Some(wf) = &entry.workflow {
             if add {

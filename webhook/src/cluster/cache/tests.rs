@@ -139,3 +139,75 @@ fn drain_rate_decays() {
     assert!((fresh - 1.0).abs() < 1e-9, "{fresh}");
     assert!(r.decayed(t + Duration::from_secs(30)) < fresh / 10.0);
 }
+
+#[test]
+fn held_pods_count_as_live_not_pending_and_make_the_line() {
+    use crate::policy::{PendingAction, pod::HOLD_GATE};
+    use k8s_openapi::api::core::v1::Pod;
+    let c = cache();
+    let t = Instant::now();
+    let mut ann = BTreeMap::new();
+    ann.insert(crate::policy::PENDING_ACTION.to_owned(), "hold".to_owned());
+    c.apply_namespace("ci", Some(&ann), t);
+    let pod = |name: &str, created: &str, gates: &[&str], wf: &str| -> Pod {
+        let gates: Vec<_> = gates
+            .iter()
+            .map(|g| serde_json::json!({ "name": g }))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ci", "creationTimestamp": created,
+                         "labels": {"bulwark.io/workflow": wf}},
+            "spec": {"containers": [], "schedulingGates": gates},
+            "status": {"phase": "Pending"}
+        }))
+        .unwrap()
+    };
+    let rules = PodRules::default();
+    let apply = |p: &Pod| {
+        let name = p.metadata.name.clone().unwrap();
+        c.apply_pod("ci", &name, PodEntry::from_pod(p, &rules), t);
+    };
+    apply(&pod(
+        "h1",
+        "2026-01-01T00:00:10Z",
+        &["x/other", HOLD_GATE],
+        "a",
+    ));
+    apply(&pod("h2", "2026-01-01T00:00:05Z", &[HOLD_GATE], "b"));
+    apply(&pod("run", "2026-01-01T00:00:00Z", &[], "b"));
+    // Someone else's gate only: pending as ever, not bulwark's to release.
+    apply(&pod("other", "2026-01-01T00:00:00Z", &["x/other"], "c"));
+    let n = c.pod_counts("ci", None, t);
+    assert_eq!((n.live, n.pending), (4, 2));
+    assert_eq!((c.cluster_pending(), c.cluster_held()), (2, 2));
+
+    let lines = c.lines();
+    assert_eq!(lines.len(), 1);
+    let l = &lines[0];
+    assert_eq!(l.policy.pending_action, PendingAction::Hold);
+    assert_eq!(l.pending, 2);
+    let mut held: Vec<_> = l
+        .held
+        .iter()
+        .map(|p| (p.name.to_string(), p.gate, p.created))
+        .collect();
+    held.sort();
+    assert_eq!(
+        held,
+        [
+            ("h1".to_owned(), 1, 1_767_225_610),
+            ("h2".to_owned(), 0, 1_767_225_605)
+        ]
+    );
+    let started: Vec<&str> = l.started.iter().map(|w| &**w).collect::<Vec<_>>();
+    let mut started = started;
+    started.sort();
+    assert_eq!(started, ["bulwark.io/workflow=b", "bulwark.io/workflow=c"]);
+
+    // Released: the gate is gone, the pod counts as pending.
+    apply(&pod("h2", "2026-01-01T00:00:05Z", &[], "b"));
+    assert_eq!(c.pod_counts("ci", None, t).pending, 3);
+    assert_eq!(c.cluster_held(), 1);
+    c.delete_pod("ci", "h1", t);
+    assert!(c.lines().is_empty(), "a deleted held pod leaves the line");
+}
