@@ -226,3 +226,9 @@ pub fn webhook_configurations(
     };
     (mutating, validating)
 }
+
+/// How many webhooks [`webhook_configurations`] registers, over both configurations.
+pub fn registered_webhooks() -> usize {
+    let (m, v) = webhook_configurations("https://127.0.0.1");
+    m.webhooks.map_or(0, |w| w.len()) + v.webhooks.map_or(0, |w| w.len())
+}

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::ensure;
 use bulwark_e2e::{
     cluster::{WEBHOOK_SECRET, free_port},
-    objects::BULWARK_NAMESPACE,
+    objects::{BULWARK_NAMESPACE, registered_webhooks},
 };
 
 use crate::{
@@ -22,7 +22,7 @@ pub async fn self_managed_certificates_rotate_without_failed_admissions(
     let first = stored(ctx).await?;
     let bundles = ca_bundles(ctx).await?;
     ensure!(
-        bundles.len() == 2
+        bundles.len() == registered_webhooks()
             && bundles
                 .iter()
                 .all(|b| b.as_deref() == Some(first.ca.as_str())),

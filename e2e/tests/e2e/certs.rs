@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, ensure};
 use bulwark_e2e::{
     cluster::{WEBHOOK_SECRET, deploy_dir},
-    objects::{BULWARK_NAMESPACE, WEBHOOK_CONFIGURATION},
+    objects::{BULWARK_NAMESPACE, WEBHOOK_CONFIGURATION, registered_webhooks},
     pki::WEBHOOK_CLIENT_NAME,
 };
 use k8s_openapi::api::{
@@ -258,7 +258,8 @@ async fn certs_cli_body(ctx: &Ctx, name: &str) -> anyhow::Result<()> {
     let bundles = ca_bundles_of(ctx, name).await?;
     let ca = String::from_utf8(ca)?;
     ensure!(
-        bundles.len() == 2 && bundles.iter().all(|b| b.as_deref() == Some(ca.as_str())),
+        bundles.len() == registered_webhooks()
+            && bundles.iter().all(|b| b.as_deref() == Some(ca.as_str())),
         "caBundles not set to ca.crt"
     );
     // A configuration that does not exist is an error, not silence.
