@@ -34,6 +34,18 @@ fn gates(p: &Pod) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A namespace in hold mode with `max-pending-pods` at `cap`.
+async fn holding_namespace(ctx: &mut Ctx, prefix: &str, cap: &str) -> anyhow::Result<String> {
+    ctx.namespace(
+        prefix,
+        &[
+            ("bulwark.io/max-pending-pods", cap),
+            ("bulwark.io/pending-action", "hold"),
+        ],
+    )
+    .await
+}
+
 fn phase(p: &Pod) -> &str {
     p.status
         .as_ref()
@@ -46,15 +58,7 @@ pub async fn a_job_over_the_pending_cap_is_held_and_completes_without_a_refusal(
 ) -> anyhow::Result<()> {
     const PODS: i32 = 60;
     const CAP: usize = 10;
-    let ns = ctx
-        .namespace(
-            "hold",
-            &[
-                ("bulwark.io/max-pending-pods", "10"),
-                ("bulwark.io/pending-action", "hold"),
-            ],
-        )
-        .await?;
+    let ns = holding_namespace(ctx, "hold", "10").await?;
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     jobs.create(&PostParams::default(), &job("held", PODS, json!({}))?)
         .await?;
@@ -128,15 +132,7 @@ pub async fn a_job_over_the_pending_cap_is_held_and_completes_without_a_refusal(
 pub async fn held_pods_go_when_the_namespace_stops_holding_and_other_gates_stay(
     ctx: &mut Ctx,
 ) -> anyhow::Result<()> {
-    let ns = ctx
-        .namespace(
-            "hold-off",
-            &[
-                ("bulwark.io/max-pending-pods", "1"),
-                ("bulwark.io/pending-action", "hold"),
-            ],
-        )
-        .await?;
+    let ns = holding_namespace(ctx, "hold-off", "1").await?;
     // The blocker takes the one slot and never leaves it (no node matches it).
     ctx.create(&ns, &unschedulable("blocker"))
         .await?
@@ -276,7 +272,7 @@ async fn still_held(ctx: &Ctx, ns: &str, names: &[&str]) -> anyhow::Result<Vec<S
     Ok(held)
 }
 
-/// Blocks until every pod of `ns` has passed the gate or `names` are exactly the ones held.
+/// Waits until, of the pods `all`, exactly `held` carry bulwark's gate.
 async fn held_are(
     ctx: &Ctx,
     ns: &str,
@@ -293,15 +289,7 @@ async fn held_are(
 pub async fn a_started_workflows_pods_are_released_before_a_new_workflows(
     ctx: &mut Ctx,
 ) -> anyhow::Result<()> {
-    let ns = ctx
-        .namespace(
-            "hold-order",
-            &[
-                ("bulwark.io/max-pending-pods", "3"),
-                ("bulwark.io/pending-action", "hold"),
-            ],
-        )
-        .await?;
+    let ns = holding_namespace(ctx, "hold-order", "3").await?;
     // Workflow "build" starts: its first pod passes the gate. Two blockers fill the cap.
     for p in [
         waiting("build-0", "build"),
@@ -369,15 +357,7 @@ pub async fn a_started_workflows_pods_are_released_before_a_new_workflows(
 pub async fn a_webhook_restarted_mid_line_loses_and_duplicates_nothing(
     ctx: &mut Ctx,
 ) -> anyhow::Result<()> {
-    let ns = ctx
-        .namespace(
-            "hold-restart",
-            &[
-                ("bulwark.io/max-pending-pods", "2"),
-                ("bulwark.io/pending-action", "hold"),
-            ],
-        )
-        .await?;
+    let ns = holding_namespace(ctx, "hold-restart", "2").await?;
     let blockers = ["blocker-0", "blocker-1"];
     for name in blockers {
         ctx.create(&ns, &unschedulable(name)).await?.admitted()?;

@@ -199,8 +199,7 @@ fn held_pods_count_as_live_not_pending_and_make_the_line() {
             ("h2".to_owned(), 0, 1_767_225_605)
         ]
     );
-    let started: Vec<&str> = l.started.iter().map(|w| &**w).collect::<Vec<_>>();
-    let mut started = started;
+    let mut started: Vec<&str> = l.started.iter().map(|w| &**w).collect();
     started.sort();
     assert_eq!(started, ["bulwark.io/workflow=b", "bulwark.io/workflow=c"]);
 
