@@ -91,11 +91,12 @@ enum Per {
 }
 
 impl Rate {
-    /// One replica's part when `replicas` share the rate: each admits 1/`replicas` of it, so
-    /// together they hold the namespace's limit.
-    pub fn shared(self, replicas: u32) -> Rate {
+    /// `part` of `whole` of the rate (a group of replicas' part of the namespace's limit):
+    /// the interval between creations grows by `whole / part`.
+    pub fn scaled(self, part: u32, whole: u32) -> Rate {
+        let nanos = self.interval.as_nanos() * u128::from(whole.max(1)) / u128::from(part.max(1));
         Rate {
-            interval: self.interval.saturating_mul(replicas.max(1)),
+            interval: Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)),
             ..self
         }
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::{
     ClusterLimits,
+    peers::Part,
     rate::{self, Nanos},
     refusal::Refusal,
 };
@@ -21,19 +22,13 @@ pub struct Limits {
     pub count_quotas: bool,
 }
 
-/// A namespace's rate state on this replica, and how many ready replicas share its rate.
+/// A namespace's rate state on this replica, and the part of the namespace's rate it may use.
 #[derive(Debug, Clone, Copy)]
 pub struct RateState {
     /// GCRA's theoretical arrival time of the next creation.
     pub tat: Nanos,
     pub now: Nanos,
-    pub replicas: u32,
-}
-
-/// One replica's part of a burst: rounded up, so a burst smaller than the number of replicas
-/// still admits one creation per replica.
-pub fn shared_burst(burst: u32, replicas: u32) -> u32 {
-    burst.div_ceil(replicas.max(1)).max(1)
+    pub part: Part,
 }
 
 /// Decides one creation. `Ok(Some(tat))`: admitted, and the rate state to store; `Ok(None)`:
@@ -51,12 +46,11 @@ pub fn decide(
     let Some(r) = policy.rate else {
         return Ok(None);
     };
-    let n = state.replicas;
     rate::check(
         state.tat,
         state.now,
-        r.shared(n),
-        shared_burst(policy.burst, n),
+        state.part.rate(r),
+        state.part.burst(policy.burst),
     )
     .map(Some)
     // The refusal names the namespace's whole limit: that is what the user set.

@@ -9,10 +9,13 @@
 //!   (`retryAfterSeconds` with jitter), [`staleness`] (when counts stop being trusted);
 //! - [`throttled`]: which namespaces are due a Throttled Event summing up their refusals;
 //! - [`line`]: hold mode's line, which pods behind bulwark's scheduling gate go next.
+//! - [`peers`]: what replicas tell each other of their consumption, and the part of a
+//!   namespace's rate each may use.
 
 pub mod decide;
 pub mod ledger;
 pub mod line;
+pub mod peers;
 pub mod rate;
 pub mod refusal;
 pub mod retry;

@@ -11,8 +11,8 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        Arc, Mutex, OnceLock, RwLock,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -21,12 +21,13 @@ use dashmap::DashMap;
 
 use super::{
     decide::{self, Ask, Limits, RateState, Snapshot},
+    peers::{self, Hits, MAX_REPORT_NAMESPACES, Part, PeerBook, Report, ReportError, Reserved},
     rate::Nanos,
     refusal::Refusal,
     view::ClusterView,
     waiting::WaitingLine,
 };
-use crate::policy::{Policy, pod::MAX_POD_NAME_LEN};
+use crate::policy::{Policy, Rate, pod::MAX_POD_NAME_LEN};
 use strangers::Strangers;
 
 mod strangers;
@@ -60,6 +61,8 @@ struct NamespaceLedger {
     /// Clients refused for this namespace's count quotas, until their retry is due; boxed
     /// and made on the first refusal, since most namespaces are never refused.
     line: Option<Box<WaitingLine>>,
+    /// Rate hits not yet reported to the peers.
+    unsent: u32,
 }
 
 impl NamespaceLedger {
@@ -92,7 +95,7 @@ impl NamespaceLedger {
 
     /// Whether anything here still matters: a reservation, a rate not yet refilled, a line.
     fn in_use(&self, now: Nanos) -> bool {
-        !self.reservations.is_empty() || self.tat > now || self.line.is_some()
+        !self.reservations.is_empty() || self.tat > now || self.line.is_some() || self.unsent > 0
     }
 
     fn forget(&mut self, r: &Reservation) {
@@ -153,8 +156,15 @@ pub struct Ledger {
     namespaces: DashMap<Box<str>, NamespaceLedger>,
     reserved: AtomicU64,
     reserved_pending: AtomicU64,
-    /// Ready webhook replicas sharing each namespace's rate (1 until told otherwise).
+    /// Ready webhook replicas (1 until told otherwise).
     replicas: AtomicU32,
+    /// Of those, the ones this replica shares consumption with, itself included.
+    group: AtomicU32,
+    /// The peers' reports; `has_peers` lets a lone replica's admissions skip its lock.
+    peers: RwLock<PeerBook>,
+    has_peers: AtomicBool,
+    /// Called when a namespace comes near a limit: its consumption should go out at once.
+    nudge: OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// Clients refused for the cluster cap, until their retry is due. Locked after a
     /// namespace entry, never before one.
     cluster_line: Mutex<WaitingLine>,
@@ -171,6 +181,10 @@ impl Ledger {
             reserved: AtomicU64::new(0),
             reserved_pending: AtomicU64::new(0),
             replicas: AtomicU32::new(1),
+            group: AtomicU32::new(1),
+            peers: RwLock::new(PeerBook::new(fastrand::u64(1..))),
+            has_peers: AtomicBool::new(false),
+            nudge: OnceLock::new(),
             cluster_line: Mutex::new(WaitingLine::default()),
             strangers: Mutex::new(Strangers::default()),
         }
@@ -198,6 +212,142 @@ impl Ledger {
 
     pub fn replicas(&self) -> u32 {
         self.replicas.load(Ordering::Relaxed)
+    }
+
+    /// How many replicas, this one included, currently share consumption with each other.
+    pub fn set_group(&self, n: u32) {
+        self.group.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// The part of each namespace's rate this replica may use now.
+    pub fn part(&self) -> Part {
+        Part::new(
+            self.group.load(Ordering::Relaxed),
+            self.replicas.load(Ordering::Relaxed),
+        )
+    }
+
+    /// This replica's id in the reports it sends.
+    pub fn id(&self) -> u64 {
+        self.book().own()
+    }
+
+    /// What to call when a namespace comes near a limit (set once, by the peer exchange).
+    pub fn on_near_limit(&self, nudge: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.nudge.set(nudge);
+    }
+
+    fn book(&self) -> std::sync::RwLockReadGuard<'_, PeerBook> {
+        // A poisoned book is still consistent: every update completes before it can panic.
+        self.peers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn book_mut(&self) -> std::sync::RwLockWriteGuard<'_, PeerBook> {
+        self.peers
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The peers' reservations in `ns` (all, pending) and of pending pods everywhere.
+    fn peer_reserved(&self, ns: &str, now: Instant) -> ((u32, u32), u64) {
+        if !self.has_peers.load(Ordering::Acquire) {
+            return ((0, 0), 0);
+        }
+        let book = self.book();
+        (book.reserved(ns, now), book.reserved_pending(now))
+    }
+
+    /// Peers heard from within the timeout, and whether `peer` is one of them.
+    pub fn heard(&self, peer: Option<u64>, now: Instant) -> (usize, bool) {
+        let book = self.book();
+        (
+            book.heard(now),
+            peer.is_some_and(|p| book.heard_from(p, now)),
+        )
+    }
+
+    /// What this replica reports to its peers now: the rate hits since its last report
+    /// (taken, so each goes out once) and its reservations. Namespaces the cluster does not
+    /// show are never reported. At most [`MAX_REPORT_NAMESPACES`] of each: hits left over go
+    /// in the next report, and the namespaces holding the most reservations go first.
+    pub fn report(&self, seq: u64) -> Report {
+        let mut hits = Vec::new();
+        let mut reserved = Vec::new();
+        for mut entry in self.namespaces.iter_mut() {
+            if entry.unsent > 0 && hits.len() < MAX_REPORT_NAMESPACES {
+                let n = std::mem::take(&mut entry.value_mut().unsent);
+                hits.push(Hits {
+                    ns: entry.key().to_string(),
+                    n,
+                });
+            }
+            let ns = entry.value();
+            if !ns.reservations.is_empty() {
+                reserved.push(Reserved {
+                    ns: entry.key().to_string(),
+                    live: u32::try_from(ns.reservations.len()).unwrap_or(u32::MAX),
+                    pending: ns.pending,
+                });
+            }
+        }
+        if reserved.len() > MAX_REPORT_NAMESPACES {
+            reserved.sort_unstable_by_key(|r| std::cmp::Reverse(r.live));
+            reserved.truncate(MAX_REPORT_NAMESPACES);
+        }
+        let own_pending = self.reserved_pending.load(Ordering::Acquire);
+        Report {
+            from: self.id(),
+            seq,
+            hits,
+            reserved,
+            reserved_pending: own_pending,
+        }
+    }
+
+    /// Takes a peer's report in. Its reservations count in this replica's decisions while the
+    /// peer keeps reporting; its hits are folded into the namespaces' rate state when the
+    /// peer is `in_group` (one that shares the rate with this replica; a peer outside keeps
+    /// its own 1/N part). `rate_of` gives the rate of a namespace the cluster shows (`None`
+    /// for any other: its hits are dropped). A report can only add consumption: at most what
+    /// would empty every replica's part of the burst and take [`peers::PEER_TIMEOUT`] of
+    /// refill, however many hits it claims.
+    pub fn absorb(
+        &self,
+        report: &Report,
+        in_group: bool,
+        rate_of: impl Fn(&str) -> Option<(Rate, u32)>,
+        now: Instant,
+    ) -> Result<(), ReportError> {
+        self.book_mut().accept(report, now)?;
+        self.has_peers.store(true, Ordering::Release);
+        if !in_group {
+            return Ok(());
+        }
+        let part = self.part();
+        let now_nanos = self.nanos(now);
+        for hits in &report.hits {
+            let Some((rate, burst)) = rate_of(&hits.ns) else {
+                continue;
+            };
+            let interval = u64::try_from(part.rate(rate).interval.as_nanos()).unwrap_or(u64::MAX);
+            let timeout = u64::try_from(peers::PEER_TIMEOUT.as_nanos()).unwrap_or(u64::MAX);
+            let most = now_nanos
+                .saturating_add(
+                    interval
+                        .saturating_mul(u64::from(part.burst(burst)))
+                        .saturating_mul(u64::from(part.replicas())),
+                )
+                .saturating_add(timeout);
+            let mut ns = self.namespaces.entry(hits.ns.as_str().into()).or_default();
+            let folded = ns
+                .tat
+                .max(now_nanos)
+                .saturating_add(interval.saturating_mul(u64::from(hits.n)));
+            ns.tat = folded.min(most.max(ns.tat));
+        }
+        Ok(())
     }
 
     fn nanos(&self, now: Instant) -> Nanos {
@@ -295,7 +445,7 @@ impl Ledger {
         let state = RateState {
             tat: ns.tat,
             now: self.nanos(now),
-            replicas: self.replicas(),
+            part: self.part(),
         };
         let decided = decide::decide(req.policy, limits, &snap, req.ask, state);
         let secs = self.seconds(now);
@@ -325,8 +475,17 @@ impl Ledger {
         }
         if let Some(tat) = new_tat {
             ns.tat = tat;
+            // Namespaces the cluster does not show stay this replica's own.
+            if !req.unknown_namespace {
+                ns.unsent = ns.unsent.saturating_add(1);
+            }
         }
         self.reserve(ns, keep, req, now);
+        if let Some(nudge) = self.nudge.get()
+            && peers::near_limit(req.policy, &snap, ns.tat, state.now, state.part)
+        {
+            nudge();
+        }
         Ok(())
     }
 
@@ -340,7 +499,11 @@ impl Ledger {
         now: Instant,
     ) -> Snapshot {
         let counts = view.pod_counts(req.namespace, req.ask.workflow, now);
-        let reserved = u32::try_from(ns.reservations.len()).unwrap_or(u32::MAX);
+        let ((peer_live, peer_pending), peer_cluster_pending) =
+            self.peer_reserved(req.namespace, now);
+        let reserved = u32::try_from(ns.reservations.len())
+            .unwrap_or(u32::MAX)
+            .saturating_add(peer_live);
         let workflow_reserved = req
             .ask
             .workflow
@@ -350,8 +513,9 @@ impl Ledger {
             .count_quotas
             .then(|| decide::cluster_cap(&limits.cluster, view.schedulable_nodes()))
             .flatten();
-        let cluster_pending =
-            view.cluster_pending() + self.reserved_pending.load(Ordering::Acquire);
+        let cluster_pending = view.cluster_pending()
+            + self.reserved_pending.load(Ordering::Acquire)
+            + peer_cluster_pending;
         let secs = self.seconds(now);
         // Only a refusal reads the cluster's line: admissions below the cap skip the lock.
         let cluster_waiting = match cluster_cap {
@@ -362,7 +526,10 @@ impl Ledger {
         };
         Snapshot {
             live: counts.live.saturating_add(reserved),
-            pending: counts.pending.saturating_add(ns.pending),
+            pending: counts
+                .pending
+                .saturating_add(ns.pending)
+                .saturating_add(peer_pending),
             workflow_started: counts.workflow_started || workflow_reserved,
             pending_drain_rate: counts.pending_drain_rate,
             live_drain_rate: counts.live_drain_rate,
@@ -383,9 +550,10 @@ impl Ledger {
         now: Instant,
     ) -> Result<(), Refusal> {
         let mut current = self.reserved_pending.load(Ordering::Acquire);
+        let peers = self.peer_reserved("", now).1;
         loop {
             if let Some(cap) = snap.cluster_cap {
-                let pending = view.cluster_pending() + current;
+                let pending = view.cluster_pending() + current + peers;
                 if pending >= cap.limit {
                     let secs = self.seconds(now);
                     let waiting = u64::from(self.cluster_line(|line| line.waiting(secs)));
@@ -479,6 +647,11 @@ impl Ledger {
     /// Drops expired reservations and idle namespaces; run periodically so namespaces that
     /// stop creating pods do not hold reservations or memory.
     pub fn sweep(&self, now: Instant) {
+        if self.has_peers.load(Ordering::Acquire) {
+            let mut book = self.book_mut();
+            book.age_out(now);
+            self.has_peers.store(!book.is_empty(), Ordering::Release);
+        }
         let now_nanos = self.nanos(now);
         let secs = self.seconds(now);
         self.namespaces.retain(|_, ns| {

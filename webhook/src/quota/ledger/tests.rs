@@ -1,5 +1,5 @@
 //! The ledger against the real cache: reservations, expiry, dry runs, warn mode, workflows,
-//! concurrency, the waiting lines and the shared rate.
+//! concurrency, the waiting lines, the shared rate, and replicas sharing their consumption.
 
 use std::sync::Barrier;
 
@@ -500,4 +500,115 @@ fn an_unknown_namespace_is_held_to_the_defaults_and_released_by_the_watch() {
     // The watch shows the new namespace's pod: its reservation is released as usual.
     f.ledger.observe_created("brand-new", "a");
     assert_eq!(f.ledger.reserved(), 1);
+}
+
+/// Two replicas that each fold the other's reports in hold one namespace's rate together,
+/// and a replica outside the group keeps its own part.
+#[test]
+fn replicas_in_one_group_share_the_whole_rate() {
+    let a = Fixture::new(None);
+    let b = Ledger::new(TTL, a.t);
+    for l in [&a.ledger, &b] {
+        l.set_replicas(2);
+        l.set_group(2);
+    }
+    let p = rated("10/s", 4);
+    let rate_of = |_: &str| Some((p.rate.unwrap(), p.burst));
+    let on_b = |at| b.admit(&a.cache, &request("ci", None, &p, Ask::default(), Commit::Enforce), &a.limits, at);
+    // The whole burst on replica a.
+    for _ in 0..4 {
+        a.admit(&p, Commit::Enforce).unwrap();
+    }
+    assert!(a.admit(&p, Commit::Enforce).is_err());
+    // a reports; b folds the four hits in and has nothing left either.
+    let report = a.ledger.report(1);
+    assert_eq!(report.hits, vec![Hits { ns: "ci".into(), n: 4 }]);
+    assert_eq!(report.reserved[0].live, 4);
+    b.absorb(&report, true, rate_of, a.t).unwrap();
+    assert!(on_b(a.t).is_err(), "b saw a's hits");
+    // The hits went out once: the next report carries none.
+    assert!(a.ledger.report(2).hits.is_empty());
+    // 100 ms later one creation fits, on whichever replica gets it.
+    let later = a.t + Duration::from_millis(100);
+    assert!(on_b(later).is_ok());
+    b.report(1).hits.iter().for_each(|h| assert_eq!(h.n, 1));
+}
+
+#[test]
+fn a_peer_outside_the_group_keeps_its_own_part_and_its_reservations_still_count() {
+    let a = Fixture::new(None);
+    a.ledger.set_replicas(2);
+    a.ledger.set_group(1);
+    let mut p = rated("10/s", 4);
+    p.max_pods = Some(5);
+    let peer = Report {
+        from: 99,
+        seq: 1,
+        hits: vec![Hits { ns: "ci".into(), n: 50 }],
+        reserved: vec![Reserved { ns: "ci".into(), live: 3, pending: 0 }],
+        reserved_pending: 0,
+    };
+    let rate_of = |_: &str| Some((p.rate.unwrap(), p.burst));
+    a.ledger.absorb(&peer, false, rate_of, a.t).unwrap();
+    // Its part is half the burst (2), untouched by the peer's hits; its reservations (3) and
+    // these 2 fill max-pods 5.
+    a.admit(&p, Commit::Enforce).unwrap();
+    a.admit(&p, Commit::Enforce).unwrap();
+    let refused = a.admit_as(None, &p, Ask::default(), Commit::Enforce, a.t + Duration::from_millis(500));
+    assert!(matches!(refused, Err(Refusal::MaxPods { live: 5, .. })), "{refused:?}");
+    // Once the peer stops reporting, its reservations age out.
+    let later = a.t + peers::PEER_TIMEOUT + Duration::from_secs(1);
+    assert!(a.admit_as(None, &p, Ask::default(), Commit::Enforce, later).is_ok());
+}
+
+#[test]
+fn a_report_claiming_many_hits_takes_at_most_the_buckets_and_a_timeout() {
+    let a = Fixture::new(None);
+    let p = rated("10/s", 4);
+    let rate_of = |_: &str| Some((p.rate.unwrap(), p.burst));
+    let flood = Report {
+        from: 7,
+        seq: 1,
+        hits: vec![Hits { ns: "ci".into(), n: peers::MAX_HITS }],
+        ..Report::default()
+    };
+    a.ledger.absorb(&flood, true, rate_of, a.t).unwrap();
+    // Refused now, but admitted again once the burst and one peer timeout have passed, not
+    // after the 10,000 s the hits would take.
+    assert!(a.admit(&p, Commit::Enforce).is_err());
+    let after = a.t + peers::PEER_TIMEOUT + Duration::from_millis(100);
+    assert!(a.admit_as(None, &p, Ask::default(), Commit::Enforce, after).is_ok());
+    // Namespaces the cluster does not show take nothing from a report.
+    let unknown = Report { seq: 2, ..flood };
+    a.ledger.absorb(&unknown, true, |_| None, a.t).unwrap();
+}
+
+#[test]
+fn near_a_limit_the_peers_are_nudged_at_once() {
+    let a = Fixture::new(None);
+    let nudged = Arc::new(AtomicU32::new(0));
+    let n = nudged.clone();
+    a.ledger.on_near_limit(Box::new(move || {
+        n.fetch_add(1, Ordering::Relaxed);
+    }));
+    let p = rated("10/s", 10);
+    for _ in 0..4 {
+        a.admit(&p, Commit::Enforce).unwrap();
+    }
+    assert_eq!(nudged.load(Ordering::Relaxed), 0, "far from the limit: batched");
+    a.admit(&p, Commit::Enforce).unwrap();
+    assert_eq!(nudged.load(Ordering::Relaxed), 1, "half the burst used: at once");
+}
+
+#[test]
+fn strangers_are_never_reported() {
+    let a = Fixture::new(None);
+    let p = rated("10/s", 4);
+    let req = Request {
+        unknown_namespace: true,
+        ..request("made-up", None, &p, Ask::default(), Commit::Enforce)
+    };
+    a.ledger.admit(&a.cache, &req, &a.limits, a.t).unwrap();
+    let report = a.ledger.report(1);
+    assert!(report.hits.is_empty() && report.reserved.is_empty(), "{report:?}");
 }
