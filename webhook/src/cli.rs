@@ -150,10 +150,15 @@ pub struct WebhookArgs {
     pub(crate) tls_key: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) managed: ManagedCertArgs,
-    /// Share each namespace's rate among the ready endpoints of this Service (the webhook's
-    /// own, in $POD_NAMESPACE or bulwark-system), so the limit holds across replicas.
+    /// The webhook's own Service (in $POD_NAMESPACE or bulwark-system): its ready endpoints
+    /// are the replicas that enforce each namespace's limits together, reporting their
+    /// consumption to each other on --peer-listen.
     #[arg(long)]
     pub(crate) peers_service: Option<String>,
+    /// Address (HTTPS, mutual TLS with the serving key) where the other replicas report their
+    /// consumption; with --peers-service. The Service's port named `peers` points here.
+    #[arg(long, default_value = "0.0.0.0:8444")]
+    pub(crate) peer_listen: SocketAddr,
     /// PEM CA bundle: /mutate and /validate then require a client certificate it signed
     /// (kube-apiserver's, from its admission configuration); probes need none.
     #[arg(long)]

@@ -329,6 +329,7 @@ async fn webhook(args: WebhookArgs) -> anyhow::Result<()> {
         client,
         own_namespace: pod_namespace(),
         identity: pod_name(),
+        peer_listen: args.peers_service.as_ref().map(|_| args.peer_listen),
         peers_service: args.peers_service,
         certificates,
         client_ca,

@@ -12,7 +12,7 @@ use std::{
 };
 
 use crate::{
-    cluster::{self, cache::Cache, cache::Watched},
+    cluster::{self, cache::Cache, cache::Watched, peers::exchange::Exchange},
     metrics::{Scrape, webhook::WebhookMetrics},
     quota::{ledger::Ledger, throttled::Throttled, view::ClusterView},
     release::{self, Budget, ReleaserOptions},
@@ -37,6 +37,8 @@ pub enum StartError {
     Certificates(#[from] SyncError),
     #[error("{0}")]
     Serve(#[from] ServerError),
+    #[error("peer TLS: {0}")]
+    PeerTls(#[from] rustls::Error),
     #[error("--cert-secret needs the API server; use --tls-cert and --tls-key with --offline")]
     ManagedNeedsApiServer,
 }
@@ -60,8 +62,12 @@ pub struct WebhookOptions {
     pub own_namespace: Option<String>,
     /// This replica's name in Events (its pod's).
     pub identity: Option<String>,
-    /// Share each namespace's rate among the ready endpoints of this Service.
+    /// The ready endpoints of this Service are the replicas that share each namespace's
+    /// limits.
     pub peers_service: Option<String>,
+    /// Where to take the other replicas' reports (with `peers_service`); without it this
+    /// replica takes its 1/N part of each rate.
+    pub peer_listen: Option<SocketAddr>,
     pub certificates: Certificates,
     pub client_ca: Option<ClientCa>,
     pub listen: SocketAddr,
@@ -171,6 +177,7 @@ impl Webhook {
             webhook.throttled.clone(),
         );
         let mut releaser = None;
+        let mut peers = None;
         match &opts.client {
             None => tracing::info!(
                 "offline: no API server; policy from config, counts from own admissions"
@@ -178,12 +185,27 @@ impl Webhook {
             Some(client) => {
                 if let Some(service) = &opts.peers_service {
                     let namespace = opts.own_namespace.as_deref().unwrap_or("bulwark-system");
+                    let (targets, listed) = tokio::sync::watch::channel(Vec::new());
+                    let exchange = opts.peer_listen.map(|addr| {
+                        let exchange = Exchange::new(
+                            webhook.ledger.clone(),
+                            webhook.cache.clone(),
+                            webhook.metrics.peers.clone(),
+                        );
+                        (addr, exchange)
+                    });
                     cluster::peers::spawn(
                         client.clone(),
                         namespace,
                         service,
                         webhook.ledger.clone(),
+                        exchange.as_ref().map(|(addr, _)| (targets, addr.port())),
                     );
+                    if let Some((addr, exchange)) = exchange {
+                        let sender =
+                            exchange.spawn(listed, serve::peer_tls::client_config(&certs)?);
+                        peers = Some((addr, exchange.router(), sender));
+                    }
                 }
                 if let Some(budget) = opts.releaser {
                     let identity = opts
@@ -224,6 +246,10 @@ impl Webhook {
                 }
             })
         };
+        let (peers, exchange) = match peers {
+            Some((addr, router, sender)) => (Some((addr, router)), Some(sender)),
+            None => (None, None),
+        };
         let running = serve::start(
             webhook.service.clone(),
             Arc::new(webhook.clone()),
@@ -240,6 +266,7 @@ impl Webhook {
                 reload_interval: opts.reload_interval,
                 drain_timeout: opts.drain_timeout,
                 limits: opts.limits,
+                peers,
             },
         )
         .await?;
@@ -249,6 +276,7 @@ impl Webhook {
             sweeper,
             throttled,
             releaser,
+            exchange,
         })
     }
 }
@@ -285,6 +313,7 @@ pub struct Started {
     sweeper: tokio::task::JoinHandle<()>,
     throttled: tokio::task::JoinHandle<()>,
     releaser: Option<release::Running>,
+    exchange: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Started {
@@ -303,6 +332,9 @@ impl Started {
         self.running.shutdown().await;
         self.sweeper.abort();
         self.throttled.abort();
+        if let Some(exchange) = self.exchange {
+            exchange.abort();
+        }
         if let Some(r) = self.releaser {
             r.stop().await;
         }

@@ -92,6 +92,7 @@ impl TestServer {
             own_namespace: None,
             identity: None,
             peers_service: None,
+            peer_listen: None,
             certificates: Certificates::Files {
                 cert: dir.join("tls.crt"),
                 key: dir.join("tls.key"),

@@ -18,6 +18,7 @@ pub struct WebhookMetrics {
     pub cache: CacheGauges,
     pub connections: ConnMetrics,
     pub release: ReleaseMetrics,
+    pub peers: PeerMetrics,
     /// 1 when reviews need a client certificate with a checked name (set by the server).
     pub reviews_authenticated: IntGauge,
 }
@@ -39,6 +40,18 @@ pub struct ReleaseMetrics {
     releases: IntCounterVec,
     held_seconds: prometheus::Histogram,
     pub leader: IntGauge,
+}
+
+/// The exchange of consumption between replicas (set by the exchange and the peer listener).
+#[derive(Clone)]
+pub struct PeerMetrics {
+    peers: IntGaugeVec,
+    share: Gauge,
+    pub sync: prometheus::Histogram,
+    pub bytes_sent: prometheus::IntCounter,
+    pub sends: IntCounterVec,
+    pub received: IntCounterVec,
+    pub fallbacks: prometheus::IntCounter,
 }
 
 /// Invalid namespace annotations (set by the namespace watch).
@@ -235,6 +248,73 @@ impl WebhookMetrics {
                 "1 while this replica holds the releaser's Lease and releases held pods",
             ),
         };
+        let peers = PeerMetrics {
+            peers: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "peers",
+                        "Other webhook replicas: seen (ready endpoints of the Service) and \
+                         reachable (sharing consumption with this one both ways)",
+                    ),
+                    &["state"],
+                )
+                .expect("valid metric"),
+            ),
+            share: register(
+                r,
+                Gauge::new(
+                    "rate_share",
+                    "The part of each namespace's rate this replica may use: 1 when it shares \
+                     consumption with every ready replica, 1/N when it reaches none",
+                )
+                .expect("valid metric"),
+            ),
+            sync: register(
+                r,
+                prometheus::Histogram::with_opts(
+                    HistogramOpts::new(
+                        "peer_sync_seconds",
+                        "Round trip of one report to one peer: how late a peer learns of this \
+                         replica's consumption, past the batching",
+                    )
+                    .buckets(vec![
+                        0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0,
+                    ]),
+                )
+                .expect("valid metric"),
+            ),
+            bytes_sent: register(
+                r,
+                prometheus::IntCounter::new(
+                    "peer_report_bytes_sent_total",
+                    "Bytes of reports sent to peers",
+                )
+                .expect("valid metric"),
+            ),
+            sends: counter(
+                r,
+                "peer_reports_sent_total",
+                "Reports sent to peers, by result (ok, error)",
+                &["result"],
+            ),
+            received: counter(
+                r,
+                "peer_reports_received_total",
+                "Reports received from peers, by result (accepted, or why refused: malformed, \
+                 bounds, replay, own, too_many_peers)",
+                &["result"],
+            ),
+            fallbacks: register(
+                r,
+                prometheus::IntCounter::new(
+                    "peer_fallbacks_total",
+                    "Times this replica stopped sharing with some ready replica and fell back \
+                     to its own part of each rate",
+                )
+                .expect("valid metric"),
+            ),
+        };
         let reviews_authenticated = int_gauge(
             r,
             "reviews_authenticated",
@@ -260,6 +340,7 @@ impl WebhookMetrics {
             cache,
             connections,
             release,
+            peers,
             reviews_authenticated,
         }
     }
@@ -301,6 +382,18 @@ impl ReleaseMetrics {
         if let Some(held) = held {
             self.held_seconds.observe(held.as_secs_f64());
         }
+    }
+}
+
+impl PeerMetrics {
+    /// The other replicas seen and reachable, and so this replica's part of each rate.
+    pub fn set_group(&self, seen: u32, reachable: u32) {
+        self.peers.with_label_values(&["seen"]).set(i64::from(seen));
+        self.peers
+            .with_label_values(&["reachable"])
+            .set(i64::from(reachable));
+        self.share
+            .set(f64::from(reachable + 1) / f64::from(seen + 1).max(1.0));
     }
 }
 

@@ -124,8 +124,7 @@ impl Report {
     /// Every bound a report must keep: a report past one says nothing a replica can trust.
     pub fn check(&self) -> Result<(), ReportError> {
         let bounds = |m: String| Err(ReportError::Bounds(m));
-        if self.hits.len() > MAX_REPORT_NAMESPACES || self.reserved.len() > MAX_REPORT_NAMESPACES
-        {
+        if self.hits.len() > MAX_REPORT_NAMESPACES || self.reserved.len() > MAX_REPORT_NAMESPACES {
             return bounds(format!(
                 "{} hit and {} reservation entries, more than {MAX_REPORT_NAMESPACES}",
                 self.hits.len(),

@@ -1,11 +1,12 @@
 //! Serving: the HTTPS review and probe routes ([`http`]), connections and drain ([`conn`]),
 //! the served certificate and its reload ([`tls`]), self-managed certificates kept in a
-//! Secret ([`managed`]), and the plain-HTTP metrics listener, served by the same connection
-//! path with its own limits.
+//! Secret ([`managed`]), the plain-HTTP metrics listener and the peer listener (TLS between
+//! replicas, [`peer_tls`]), each served by the same connection path with its own limits.
 
 pub mod conn;
 pub mod http;
 pub mod managed;
+pub mod peer_tls;
 pub mod tls;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -47,12 +48,15 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// What the HTTPS listener allows (the metrics listener has [`Limits::metrics`]).
     pub limits: Limits,
+    /// The listener other replicas report their consumption to, and what it serves.
+    pub peers: Option<(SocketAddr, axum::Router)>,
 }
 
 /// A started server: its bound addresses and the way to stop it.
 pub struct Running {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    pub peers_addr: Option<SocketAddr>,
     service: Arc<Service>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -97,6 +101,27 @@ pub async fn start(
         tasks.push(task);
     }
 
+    let mut peers_addr = None;
+    if let Some((addr, router)) = opts.peers {
+        let (tcp, bound) = bind(addr).await?;
+        let listener = Listener {
+            tcp,
+            transport: Transport::Tls {
+                acceptor: TlsAcceptor::from(peer_tls::server_config(&opts.certs)?),
+                clients: None,
+            },
+            router,
+            limits: Limits::peers(),
+            metrics: conn_metrics.listener("peers"),
+        };
+        peers_addr = Some(bound);
+        tasks.push(tokio::spawn(conn::serve(
+            listener,
+            stop_rx.clone(),
+            opts.drain_timeout,
+        )));
+    }
+
     let reload = tokio::spawn(opts.certs.clone().watch(opts.reload_interval, tls_metrics));
     let listener = Listener {
         tcp,
@@ -113,10 +138,11 @@ pub async fn start(
         conn::serve(listener, stop_rx, drain_timeout).await;
         reload.abort();
     }));
-    tracing::info!(%addr, ?metrics_addr, "webhook listening");
+    tracing::info!(%addr, ?metrics_addr, ?peers_addr, "webhook listening");
     Ok(Running {
         addr,
         metrics_addr,
+        peers_addr,
         service,
         stop,
         tasks,

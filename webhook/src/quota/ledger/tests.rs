@@ -514,7 +514,14 @@ fn replicas_in_one_group_share_the_whole_rate() {
     }
     let p = rated("10/s", 4);
     let rate_of = |_: &str| Some((p.rate.unwrap(), p.burst));
-    let on_b = |at| b.admit(&a.cache, &request("ci", None, &p, Ask::default(), Commit::Enforce), &a.limits, at);
+    let on_b = |at| {
+        b.admit(
+            &a.cache,
+            &request("ci", None, &p, Ask::default(), Commit::Enforce),
+            &a.limits,
+            at,
+        )
+    };
     // The whole burst on replica a.
     for _ in 0..4 {
         a.admit(&p, Commit::Enforce).unwrap();
@@ -522,7 +529,13 @@ fn replicas_in_one_group_share_the_whole_rate() {
     assert!(a.admit(&p, Commit::Enforce).is_err());
     // a reports; b folds the four hits in and has nothing left either.
     let report = a.ledger.report(1);
-    assert_eq!(report.hits, vec![Hits { ns: "ci".into(), n: 4 }]);
+    assert_eq!(
+        report.hits,
+        vec![Hits {
+            ns: "ci".into(),
+            n: 4
+        }]
+    );
     assert_eq!(report.reserved[0].live, 4);
     b.absorb(&report, true, rate_of, a.t).unwrap();
     assert!(on_b(a.t).is_err(), "b saw a's hits");
@@ -544,8 +557,15 @@ fn a_peer_outside_the_group_keeps_its_own_part_and_its_reservations_still_count(
     let peer = Report {
         from: 99,
         seq: 1,
-        hits: vec![Hits { ns: "ci".into(), n: 50 }],
-        reserved: vec![Reserved { ns: "ci".into(), live: 3, pending: 0 }],
+        hits: vec![Hits {
+            ns: "ci".into(),
+            n: 50,
+        }],
+        reserved: vec![Reserved {
+            ns: "ci".into(),
+            live: 3,
+            pending: 0,
+        }],
         reserved_pending: 0,
     };
     let rate_of = |_: &str| Some((p.rate.unwrap(), p.burst));
@@ -554,11 +574,23 @@ fn a_peer_outside_the_group_keeps_its_own_part_and_its_reservations_still_count(
     // these 2 fill max-pods 5.
     a.admit(&p, Commit::Enforce).unwrap();
     a.admit(&p, Commit::Enforce).unwrap();
-    let refused = a.admit_as(None, &p, Ask::default(), Commit::Enforce, a.t + Duration::from_millis(500));
-    assert!(matches!(refused, Err(Refusal::MaxPods { live: 5, .. })), "{refused:?}");
+    let refused = a.admit_as(
+        None,
+        &p,
+        Ask::default(),
+        Commit::Enforce,
+        a.t + Duration::from_millis(500),
+    );
+    assert!(
+        matches!(refused, Err(Refusal::MaxPods { live: 5, .. })),
+        "{refused:?}"
+    );
     // Once the peer stops reporting, its reservations age out.
     let later = a.t + peers::PEER_TIMEOUT + Duration::from_secs(1);
-    assert!(a.admit_as(None, &p, Ask::default(), Commit::Enforce, later).is_ok());
+    assert!(
+        a.admit_as(None, &p, Ask::default(), Commit::Enforce, later)
+            .is_ok()
+    );
 }
 
 #[test]
@@ -569,7 +601,10 @@ fn a_report_claiming_many_hits_takes_at_most_the_buckets_and_a_timeout() {
     let flood = Report {
         from: 7,
         seq: 1,
-        hits: vec![Hits { ns: "ci".into(), n: peers::MAX_HITS }],
+        hits: vec![Hits {
+            ns: "ci".into(),
+            n: peers::MAX_HITS,
+        }],
         ..Report::default()
     };
     a.ledger.absorb(&flood, true, rate_of, a.t).unwrap();
@@ -577,7 +612,10 @@ fn a_report_claiming_many_hits_takes_at_most_the_buckets_and_a_timeout() {
     // after the 10,000 s the hits would take.
     assert!(a.admit(&p, Commit::Enforce).is_err());
     let after = a.t + peers::PEER_TIMEOUT + Duration::from_millis(100);
-    assert!(a.admit_as(None, &p, Ask::default(), Commit::Enforce, after).is_ok());
+    assert!(
+        a.admit_as(None, &p, Ask::default(), Commit::Enforce, after)
+            .is_ok()
+    );
     // Namespaces the cluster does not show take nothing from a report.
     let unknown = Report { seq: 2, ..flood };
     a.ledger.absorb(&unknown, true, |_| None, a.t).unwrap();
@@ -595,9 +633,17 @@ fn near_a_limit_the_peers_are_nudged_at_once() {
     for _ in 0..4 {
         a.admit(&p, Commit::Enforce).unwrap();
     }
-    assert_eq!(nudged.load(Ordering::Relaxed), 0, "far from the limit: batched");
+    assert_eq!(
+        nudged.load(Ordering::Relaxed),
+        0,
+        "far from the limit: batched"
+    );
     a.admit(&p, Commit::Enforce).unwrap();
-    assert_eq!(nudged.load(Ordering::Relaxed), 1, "half the burst used: at once");
+    assert_eq!(
+        nudged.load(Ordering::Relaxed),
+        1,
+        "half the burst used: at once"
+    );
 }
 
 #[test]
@@ -610,5 +656,8 @@ fn strangers_are_never_reported() {
     };
     a.ledger.admit(&a.cache, &req, &a.limits, a.t).unwrap();
     let report = a.ledger.report(1);
-    assert!(report.hits.is_empty() && report.reserved.is_empty(), "{report:?}");
+    assert!(
+        report.hits.is_empty() && report.reserved.is_empty(),
+        "{report:?}"
+    );
 }

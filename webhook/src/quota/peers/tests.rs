@@ -55,10 +55,7 @@ fn a_silent_peer_ages_out_and_its_reservations_with_it() {
 fn own_repeated_and_older_reports_are_refused() {
     let t = Instant::now();
     let mut book = PeerBook::new(1);
-    assert_eq!(
-        book.accept(&report(1, 1, &[], 0), t),
-        Err(ReportError::Own)
-    );
+    assert_eq!(book.accept(&report(1, 1, &[], 0), t), Err(ReportError::Own));
     book.accept(&report(2, 5, &[("ci", 1, 0)], 0), t).unwrap();
     for seq in [5, 4] {
         let refused = book.accept(&report(2, seq, &[("ci", 9, 0)], 0), t);
@@ -115,17 +112,19 @@ fn reports_past_their_bounds_are_refused() {
     for r in bad {
         assert_eq!(r.check().map_err(|e| e.label()), Err("bounds"), "{r:?}");
     }
-    for body in [&b"{}"[..], b"[]", b"{\"from\":1,\"seq\":1,\"extra\":1}", b"\xff"] {
+    for body in [
+        &b"{}"[..],
+        b"[]",
+        b"{\"from\":1,\"seq\":1,\"extra\":1}",
+        b"\xff",
+    ] {
         assert_eq!(
             Report::decode(body).map_err(|e| e.label()),
             Err("malformed")
         );
     }
     body.resize(MAX_REPORT_BYTES + 1, b' ');
-    assert_eq!(
-        Report::decode(&body).map_err(|e| e.label()),
-        Err("bounds")
-    );
+    assert_eq!(Report::decode(&body).map_err(|e| e.label()), Err("bounds"));
 }
 
 #[test]
@@ -152,15 +151,29 @@ fn the_part_is_the_whole_rate_for_one_group_and_a_share_for_a_split_one() {
 
 #[test]
 fn near_the_limit_is_half_the_burst_used_or_a_fifth_of_a_cap_left() {
-    let mut policy = Policy::default();
-    policy.rate = parse_rate("10/s").unwrap();
-    policy.burst = 10;
+    let mut policy = Policy {
+        rate: parse_rate("10/s").unwrap(),
+        burst: 10,
+        ..Policy::default()
+    };
     let sec = 1_000_000_000;
     let now = 100 * sec;
     let snap = Snapshot::default();
     // Four of ten used: not yet; five: yes.
-    assert!(!near_limit(&policy, &snap, now + 4 * sec / 10, now, Part::WHOLE));
-    assert!(near_limit(&policy, &snap, now + 5 * sec / 10, now, Part::WHOLE));
+    assert!(!near_limit(
+        &policy,
+        &snap,
+        now + 4 * sec / 10,
+        now,
+        Part::WHOLE
+    ));
+    assert!(near_limit(
+        &policy,
+        &snap,
+        now + 5 * sec / 10,
+        now,
+        Part::WHOLE
+    ));
     // An idle bucket (TAT in the past) is far from it.
     assert!(!near_limit(&policy, &snap, now - sec, now, Part::WHOLE));
 

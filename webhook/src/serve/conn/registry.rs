@@ -81,6 +81,21 @@ impl Limits {
             ..Limits::default()
         }
     }
+
+    /// The peer listener: a connection or two from each other replica, small reports (each
+    /// read with its own bound, `quota::peers::MAX_REPORT_BYTES`).
+    pub fn peers() -> Limits {
+        Limits {
+            max_handshakes: 16,
+            max_handshakes_per_client: 4,
+            max_connections: 64,
+            max_connections_per_client: 4,
+            max_streams: 4,
+            body_budget: 0,
+            body_budget_per_client: 0,
+            ..Limits::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
