@@ -43,10 +43,15 @@ pub struct Proxy {
 impl Proxy {
     /// Starts forwarding a free port on 127.0.0.1 to `backends`.
     pub async fn start(backends: Vec<SocketAddr>) -> anyhow::Result<Proxy> {
+        Proxy::start_at(([127, 0, 0, 1], 0).into(), backends).await
+    }
+
+    /// Starts forwarding `listen` (port 0: a free one) to `backends`.
+    pub async fn start_at(listen: SocketAddr, backends: Vec<SocketAddr>) -> anyhow::Result<Proxy> {
         anyhow::ensure!(!backends.is_empty(), "a proxy needs a backend");
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let listener = TcpListener::bind(listen)
             .await
-            .context("binding the proxy")?;
+            .with_context(|| format!("binding the proxy on {listen}"))?;
         let port = listener.local_addr()?.port();
         let shared = Arc::new(Shared {
             forwarded: backends.iter().map(|_| AtomicUsize::new(0)).collect(),

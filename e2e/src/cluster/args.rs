@@ -259,6 +259,7 @@ impl State {
                 "--ca-retire-seconds=3".into(),
                 // The rate is shared among the ready endpoints of this Service (a test makes some).
                 "--peers-service=bulwark-webhook".into(),
+                format!("--peer-listen=127.0.0.1:{}", ports.webhook_peers),
                 // Hold mode's releaser, as deploy/components/hold runs it.
                 "--release-held-pods".into(),
                 // Reviews only from kube-apiserver's client certificate, by its name, as
@@ -301,6 +302,7 @@ mod tests {
                 kwok: 6,
                 node_controller_metrics: 7,
                 scheduler: 8,
+                webhook_peers: 9,
             },
             nodes: 1,
             pods_per_node: 110,

@@ -252,7 +252,8 @@ impl Cluster {
     }
 
     /// [`Cluster::spawn_webhook_replica`] with `extra` flags replacing the cluster's own
-    /// (e.g. its --kubeconfig, --config or --metrics-listen).
+    /// (e.g. its --kubeconfig, --config, --metrics-listen or --peer-listen; the last two are
+    /// a free port unless given).
     pub fn spawn_webhook_replica_with(
         &mut self,
         name: &str,
@@ -261,8 +262,11 @@ impl Cluster {
     ) -> anyhow::Result<()> {
         let listen = format!("--listen=127.0.0.1:{port}");
         let mut flags = vec![listen.as_str()];
-        if !extra.iter().any(|f| f.starts_with("--metrics-listen=")) {
-            flags.push("--metrics-listen=127.0.0.1:0");
+        for own in ["--metrics-listen=127.0.0.1:0", "--peer-listen=127.0.0.1:0"] {
+            let flag = own.split('=').next().unwrap_or_default();
+            if !extra.iter().any(|f| f.starts_with(flag)) {
+                flags.push(own);
+            }
         }
         flags.extend_from_slice(extra);
         self.spawn_another(Component::Webhook, name, &flags)

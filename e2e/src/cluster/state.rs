@@ -89,6 +89,10 @@ pub struct Ports {
     /// kube-scheduler's HTTPS port; `/metrics` there needs no credentials.
     #[serde(default)]
     pub scheduler: u16,
+    /// Where the webhook takes its peers' reports (`--peer-listen`); the same port on
+    /// 127.0.0.2 and 127.0.0.3 serves the replicas the rate-sharing tests start.
+    #[serde(default)]
+    pub webhook_peers: u16,
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
@@ -100,7 +104,7 @@ pub fn free_port() -> anyhow::Result<u16> {
 impl Ports {
     /// Free ports, asked of the kernel all at once so that none repeats.
     pub(super) fn pick() -> anyhow::Result<Ports> {
-        let listeners = (0..8)
+        let listeners = (0..9)
             .map(|_| TcpListener::bind("127.0.0.1:0"))
             .collect::<Result<Vec<_>, _>>()
             .context("finding free ports on 127.0.0.1")?;
@@ -114,6 +118,7 @@ impl Ports {
             kwok: port(5)?,
             node_controller_metrics: port(6)?,
             scheduler: port(7)?,
+            webhook_peers: port(8)?,
         })
     }
 }

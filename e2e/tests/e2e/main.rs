@@ -82,7 +82,7 @@ use quotas::{
     exempt_namespaces_and_critical_pods, job_of_300_completes_under_pending_cap,
     max_pending_counts_unscheduled_pods, max_pods_counts_live_pods, started_workflows_go_first,
 };
-use rate_sharing::replicas_share_the_namespace_rate;
+use rate_sharing::replicas_hold_one_limit_however_calls_are_spread;
 use refusal_forms::controllers_are_refused_without_retry_after;
 use support::Ctx;
 
@@ -116,7 +116,7 @@ fn tests() -> Vec<(&'static str, TestFn)> {
         forged_reviews_are_refused_and_consume_nothing,
         thousands_of_idle_connections_leave_pod_creation_working,
         a_tenants_system_critical_pod_is_throttled_like_any_other,
-        replicas_share_the_namespace_rate,
+        replicas_hold_one_limit_however_calls_are_spread,
         webhook_restart_under_load_loses_no_admission,
         a_failing_watch_opens_count_quotas_after_the_limit,
         rbac_is_least_privilege,

@@ -224,18 +224,21 @@ impl Part {
     }
 }
 
-/// Whether a namespace is close enough to one of its limits that this replica's consumption
-/// should reach its peers at once rather than at the next [`SYNC_EVERY`]: less than half of
-/// its part of the burst left, or a count within a fifth of its cap (at least two).
+/// Whether this replica's consumption should reach its peers at once rather than at the
+/// next [`SYNC_EVERY`]. Always for a namespace with a count cap: a burst can take it from
+/// empty to full well within one interval, and every replica would fill it alone. For the
+/// rate, once half of this replica's part of the burst is used; and near the cluster cap
+/// (within a fifth of it), which every namespace shares.
 pub fn near_limit(policy: &Policy, snap: &Snapshot, tat: Nanos, now: Nanos, part: Part) -> bool {
-    let close = |used: u32, limit: u32| {
-        let left = limit.saturating_sub(used);
-        left <= 2 || left.saturating_mul(5) <= limit
-    };
-    if policy.max_pods.is_some_and(|l| close(snap.live, l))
-        || policy
-            .max_pending_pods
-            .is_some_and(|l| close(snap.pending, l))
+    if policy.max_pods.is_some() || policy.max_pending_pods.is_some() {
+        return true;
+    }
+    if let Some(cap) = snap.cluster_cap
+        && cap
+            .limit
+            .saturating_sub(snap.cluster_pending)
+            .saturating_mul(5)
+            <= cap.limit
     {
         return true;
     }
@@ -248,11 +251,12 @@ pub fn near_limit(policy: &Policy, snap: &Snapshot, tat: Nanos, now: Nanos, part
     used.saturating_mul(2) >= burst
 }
 
-/// The most creations the replicas together can admit above a namespace's limit, in any
+/// The most creations the replicas together can admit above a namespace's rate limit, in any
 /// window: each of the other `replicas - 1` may admit, before its report lands, what its
 /// bucket held (the burst) plus what the rate refills during the report's delay (`lag`:
-/// one [`SYNC_EVERY`] far from the limit, one round trip near it). Counts are bounded the
-/// same way, with the burst read as the slots left when the namespace came near its cap.
+/// one [`SYNC_EVERY`] far from the limit, one round trip near it). A count cap is exceeded
+/// by at most what the other replicas admit in the namespace during one report's delay
+/// (reports of capped namespaces go at once, so one or two round trips).
 pub fn overshoot_bound(rate_per_second: f64, burst: u32, lag: Duration, replicas: u32) -> f64 {
     let others = f64::from(replicas.saturating_sub(1));
     others * (f64::from(burst) + rate_per_second * lag.as_secs_f64())

@@ -150,10 +150,12 @@ fn the_part_is_the_whole_rate_for_one_group_and_a_share_for_a_split_one() {
 }
 
 #[test]
-fn near_the_limit_is_half_the_burst_used_or_a_fifth_of_a_cap_left() {
+fn reports_go_at_once_for_capped_namespaces_half_a_burst_used_or_near_the_cluster_cap() {
     let mut policy = Policy {
         rate: parse_rate("10/s").unwrap(),
         burst: 10,
+        max_pods: None,
+        max_pending_pods: None,
         ..Policy::default()
     };
     let sec = 1_000_000_000;
@@ -176,18 +178,37 @@ fn near_the_limit_is_half_the_burst_used_or_a_fifth_of_a_cap_left() {
     ));
     // An idle bucket (TAT in the past) is far from it.
     assert!(!near_limit(&policy, &snap, now - sec, now, Part::WHOLE));
-
-    policy.rate = None;
-    policy.max_pods = Some(100);
-    let live = |live| Snapshot {
-        live,
+    // The cluster cap, within a fifth.
+    let cluster = |pending| Snapshot {
+        cluster_pending: pending,
+        cluster_cap: Some(crate::quota::decide::ClusterCap {
+            limit: 100,
+            basis: crate::quota::decide::CapBasis::Absolute,
+        }),
         ..Snapshot::default()
     };
-    assert!(!near_limit(&policy, &live(79), 0, now, Part::WHOLE));
-    assert!(near_limit(&policy, &live(80), 0, now, Part::WHOLE));
-    policy.max_pods = Some(5);
-    assert!(!near_limit(&policy, &live(2), 0, now, Part::WHOLE));
-    assert!(near_limit(&policy, &live(3), 0, now, Part::WHOLE));
+    assert!(!near_limit(
+        &policy,
+        &cluster(79),
+        now - sec,
+        now,
+        Part::WHOLE
+    ));
+    assert!(near_limit(
+        &policy,
+        &cluster(80),
+        now - sec,
+        now,
+        Part::WHOLE
+    ));
+    // Any count cap: always.
+    policy.rate = None;
+    assert!(!near_limit(&policy, &snap, 0, now, Part::WHOLE));
+    policy.max_pods = Some(100);
+    assert!(near_limit(&policy, &snap, 0, now, Part::WHOLE));
+    policy.max_pods = None;
+    policy.max_pending_pods = Some(100);
+    assert!(near_limit(&policy, &snap, 0, now, Part::WHOLE));
 }
 
 #[test]
