@@ -301,8 +301,8 @@ impl WebhookMetrics {
             received: counter(
                 r,
                 "peer_reports_received_total",
-                "Reports received from peers, by result (accepted, or why refused: malformed, \
-                 bounds, replay, own, too_many_peers)",
+                "Reports received from peers, by result (accepted; own: this replica's own, reached \
+                 through its Service; or why refused: malformed, bounds, replay, too_many_peers)",
                 &["result"],
             ),
             fallbacks: register(

@@ -81,13 +81,13 @@ impl Exchange {
             .is_some_and(|t| now.saturating_duration_since(*t) < PEER_TIMEOUT)
     }
 
-    /// Takes one peer's report in.
-    pub fn receive(&self, body: &[u8], now: Instant) -> Result<Ack, ReportError> {
+    /// Takes one peer's report in; the answer, and whether the report was this replica's own
+    /// (it reached itself through its Service: the answer tells it so).
+    pub fn receive(&self, body: &[u8], now: Instant) -> Result<(Ack, bool), ReportError> {
         let report = Report::decode(body)?;
         let own = self.ledger.id();
         if report.from == own {
-            // This replica reached itself through its Service: the answer tells it so.
-            return Ok(Ack { id: own });
+            return Ok((Ack { id: own }, true));
         }
         let in_group = self.reaches(report.from, now);
         let cache = &self.cache;
@@ -96,7 +96,7 @@ impl Exchange {
             info.policy.rate.map(|r| (r, info.policy.burst))
         };
         self.ledger.absorb(&report, in_group, rate_of, now)?;
-        Ok(Ack { id: own })
+        Ok((Ack { id: own }, false))
     }
 
     /// The peer listener's routes.
@@ -118,7 +118,8 @@ impl Exchange {
 
     async fn run(&self, targets: watch::Receiver<Vec<SocketAddr>>, tls: TlsConnector) {
         let mut peers: BTreeMap<SocketAddr, Peer> = BTreeMap::new();
-        let mut whole = true;
+        let mut grouped = Vec::new();
+        let mut was_sending = false;
         loop {
             tokio::select! {
                 () = self.nudge.notified() => {}
@@ -129,7 +130,20 @@ impl Exchange {
             for addr in listed {
                 peers.entry(addr).or_default();
             }
+            // Alone (or only itself listed): nothing to send, and no hits kept for it; what
+            // was kept before goes with one last report, to no one.
+            let sending = peers.values().any(|p| !p.own);
+            self.ledger.set_reporting(sending);
             let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+            if !sending {
+                if was_sending {
+                    let _ = self.ledger.report(seq);
+                }
+                was_sending = false;
+                grouped = self.regroup(&peers, Instant::now(), &grouped);
+                continue;
+            }
+            was_sending = true;
             let report = self.ledger.report(seq);
             let body = match serde_json::to_vec(&report) {
                 Ok(b) => Bytes::from(b),
@@ -157,39 +171,52 @@ impl Exchange {
             }
             self.reached()
                 .retain(|_, t| now.saturating_duration_since(*t) < PEER_TIMEOUT);
-            whole = self.regroup(&peers, now, whole);
+            grouped = self.regroup(&peers, now, &grouped);
         }
     }
 
-    /// Sets the group from who answered and who reported lately; returns whether it is every
-    /// ready replica.
-    fn regroup(&self, peers: &BTreeMap<SocketAddr, Peer>, now: Instant, was_whole: bool) -> bool {
-        let others = peers.values().filter(|p| !p.own);
-        let seen = u32::try_from(others.clone().count()).unwrap_or(u32::MAX);
-        let reachable = others
-            .filter(|p| {
+    /// Sets the group from who answered and who reported lately, and returns its members'
+    /// addresses. One that left the group while still listed is a fallback: this replica no
+    /// longer counts its hits and takes a smaller part of each rate.
+    fn regroup(
+        &self,
+        peers: &BTreeMap<SocketAddr, Peer>,
+        now: Instant,
+        before: &[SocketAddr],
+    ) -> Vec<SocketAddr> {
+        let others = || peers.iter().filter(|(_, p)| !p.own);
+        let seen = u32::try_from(others().count()).unwrap_or(u32::MAX);
+        let grouped: Vec<SocketAddr> = others()
+            .filter(|(_, p)| {
                 p.id.is_some_and(|id| self.reaches(id, now) && self.ledger.heard(Some(id), now).1)
             })
-            .count();
-        let reachable = u32::try_from(reachable).unwrap_or(u32::MAX);
+            .map(|(addr, _)| *addr)
+            .collect();
+        let reachable = u32::try_from(grouped.len()).unwrap_or(u32::MAX);
         self.ledger.set_group(reachable + 1);
         self.metrics.set_group(seen, reachable);
-        let whole = self.ledger.part().is_whole();
-        if was_whole && !whole {
+        let lost: Vec<&SocketAddr> = before
+            .iter()
+            .filter(|a| !grouped.contains(a) && peers.contains_key(a))
+            .collect();
+        if !lost.is_empty() {
             self.metrics.fallbacks.inc();
             tracing::warn!(
+                ?lost,
                 seen,
                 reachable,
                 replicas = self.ledger.replicas(),
-                "not sharing consumption with every ready replica: using this replica's part of each rate"
+                "peers stopped answering or reporting: this replica takes its part of each rate"
             );
-        } else if whole && !was_whole {
+        } else if grouped.len() > before.len() {
             tracing::info!(
+                seen,
+                reachable,
                 replicas = self.ledger.replicas(),
-                "sharing consumption with every ready replica again"
+                "sharing consumption with more peers"
             );
         }
-        whole
+        grouped
     }
 }
 
@@ -318,8 +345,9 @@ async fn receive(State(exchange): State<Arc<Exchange>>, body: Body) -> Response 
         Err(e) => return refused(ReportError::Bounds(e.to_string()), metrics),
     };
     match exchange.receive(&bytes, Instant::now()) {
-        Ok(ack) => {
-            metrics.received.with_label_values(&["accepted"]).inc();
+        Ok((ack, own)) => {
+            let result = if own { "own" } else { "accepted" };
+            metrics.received.with_label_values(&[result]).inc();
             match serde_json::to_vec(&ack) {
                 Ok(body) => {
                     ([(http::header::CONTENT_TYPE, "application/json")], body).into_response()
@@ -330,3 +358,6 @@ async fn receive(State(exchange): State<Arc<Exchange>>, body: Body) -> Response 
         Err(e) => refused(e, metrics),
     }
 }
+
+#[cfg(test)]
+mod tests;

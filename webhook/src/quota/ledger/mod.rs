@@ -163,6 +163,8 @@ pub struct Ledger {
     /// The peers' reports; `has_peers` lets a lone replica's admissions skip its lock.
     peers: RwLock<PeerBook>,
     has_peers: AtomicBool,
+    /// Whether reports go anywhere: only then are hits kept for them.
+    reporting: AtomicBool,
     /// Called when a namespace comes near a limit: its consumption should go out at once.
     nudge: OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// Clients refused for the cluster cap, until their retry is due. Locked after a
@@ -184,6 +186,7 @@ impl Ledger {
             group: AtomicU32::new(1),
             peers: RwLock::new(PeerBook::new(fastrand::u64(1..))),
             has_peers: AtomicBool::new(false),
+            reporting: AtomicBool::new(false),
             nudge: OnceLock::new(),
             cluster_line: Mutex::new(WaitingLine::default()),
             strangers: Mutex::new(Strangers::default()),
@@ -232,6 +235,12 @@ impl Ledger {
         self.book().own()
     }
 
+    /// Whether this replica has peers to report to (set by the peer exchange). Turning it off
+    /// leaves hits counted before in the namespaces: the next [`Ledger::report`] takes them.
+    pub fn set_reporting(&self, on: bool) {
+        self.reporting.store(on, Ordering::Relaxed);
+    }
+
     /// What to call when a namespace comes near a limit (set once, by the peer exchange).
     pub fn on_near_limit(&self, nudge: Box<dyn Fn() + Send + Sync>) {
         let _ = self.nudge.set(nudge);
@@ -257,6 +266,14 @@ impl Ledger {
         }
         let book = self.book();
         (book.reserved(ns, now), book.reserved_pending(now))
+    }
+
+    /// The peers' reservations of pending pods in all namespaces.
+    fn peer_reserved_pending(&self, now: Instant) -> u64 {
+        if !self.has_peers.load(Ordering::Acquire) {
+            return 0;
+        }
+        self.book().reserved_pending(now)
     }
 
     /// Peers heard from within the timeout, and whether `peer` is one of them.
@@ -475,16 +492,18 @@ impl Ledger {
         }
         if let Some(tat) = new_tat {
             ns.tat = tat;
-            // Namespaces the cluster does not show stay this replica's own.
-            if !req.unknown_namespace {
-                ns.unsent = ns.unsent.saturating_add(1);
-            }
         }
         self.reserve(ns, keep, req, now);
-        if let Some(nudge) = self.nudge.get()
-            && peers::near_limit(req.policy, &snap, ns.tat, state.now, state.part)
-        {
-            nudge();
+        // Namespaces the cluster does not show stay this replica's own.
+        if self.reporting.load(Ordering::Relaxed) && !req.unknown_namespace {
+            if new_tat.is_some() {
+                ns.unsent = ns.unsent.saturating_add(1);
+            }
+            if let Some(nudge) = self.nudge.get()
+                && peers::near_limit(req.policy, &snap, ns.tat, state.now, state.part)
+            {
+                nudge();
+            }
         }
         Ok(())
     }
@@ -550,7 +569,7 @@ impl Ledger {
         now: Instant,
     ) -> Result<(), Refusal> {
         let mut current = self.reserved_pending.load(Ordering::Acquire);
-        let peers = self.peer_reserved("", now).1;
+        let peers = self.peer_reserved_pending(now);
         loop {
             if let Some(cap) = snap.cluster_cap {
                 let pending = view.cluster_pending() + current + peers;

@@ -511,6 +511,7 @@ fn replicas_in_one_group_share_the_whole_rate() {
     for l in [&a.ledger, &b] {
         l.set_replicas(2);
         l.set_group(2);
+        l.set_reporting(true);
     }
     let p = rated("10/s", 4);
     let rate_of = |_: &str| Some((p.rate.unwrap(), p.burst));
@@ -629,6 +630,7 @@ fn near_a_limit_the_peers_are_nudged_at_once() {
     a.ledger.on_near_limit(Box::new(move || {
         n.fetch_add(1, Ordering::Relaxed);
     }));
+    a.ledger.set_reporting(true);
     let p = rated("10/s", 10);
     for _ in 0..4 {
         a.admit(&p, Commit::Enforce).unwrap();
@@ -647,8 +649,27 @@ fn near_a_limit_the_peers_are_nudged_at_once() {
 }
 
 #[test]
+fn without_peers_nothing_is_kept_for_reports() {
+    let a = Fixture::new(None);
+    let p = rated("10/s", 4);
+    a.admit(&p, Commit::Enforce).unwrap();
+    assert!(a.ledger.report(1).hits.is_empty());
+    // Once idle, the namespace is swept: no hit kept it.
+    a.ledger.sweep(a.t + TTL + Duration::from_secs(1));
+    assert_eq!(
+        a.ledger.report(2),
+        Report {
+            from: a.ledger.id(),
+            seq: 2,
+            ..Report::default()
+        }
+    );
+}
+
+#[test]
 fn strangers_are_never_reported() {
     let a = Fixture::new(None);
+    a.ledger.set_reporting(true);
     let p = rated("10/s", 4);
     let req = Request {
         unknown_namespace: true,
