@@ -2,6 +2,7 @@
 //! used by `bulwark-e2e up|down|env` and by the end-to-end tests.
 
 pub mod cluster;
+pub mod netns;
 pub mod objects;
 pub mod pki;
 pub mod poll;

@@ -242,7 +242,7 @@ impl Cluster {
         let identity = format!("--identity={identity}");
         let mut flags = vec![identity.as_str(), "--metrics-listen=127.0.0.1:0"];
         flags.extend_from_slice(extra);
-        self.spawn_another(Component::NodeController, name, &flags)
+        self.spawn_another(Component::NodeController, name, &flags, None)
     }
 
     /// Another `bulwark webhook` replica next to the cluster's own, as `name`, serving HTTPS
@@ -269,16 +269,28 @@ impl Cluster {
             }
         }
         flags.extend_from_slice(extra);
-        self.spawn_another(Component::Webhook, name, &flags)
+        self.spawn_another(Component::Webhook, name, &flags, None)
     }
 
-    /// Runs `component` once more as `name`; each of `flags` replaces the component's flag of
-    /// the same name (e.g. its --config), or is added.
+    /// [`Cluster::spawn_webhook_replica_with`] inside the network namespace `netns` (started
+    /// as `ip netns exec NAME bulwark ...`); its flags name addresses there.
+    pub fn spawn_webhook_replica_in(
+        &mut self,
+        netns: &crate::netns::Netns,
+        name: &str,
+        flags: &[&str],
+    ) -> anyhow::Result<()> {
+        self.spawn_another(Component::Webhook, name, flags, Some(netns))
+    }
+
+    /// Runs `component` once more as `name` (inside `netns` if given); each of `flags`
+    /// replaces the component's flag of the same name (e.g. its --config), or is added.
     fn spawn_another(
         &mut self,
         component: Component,
         name: &str,
         flags: &[&str],
+        netns: Option<&crate::netns::Netns>,
     ) -> anyhow::Result<()> {
         let flag = |a: &str| a.split('=').next().unwrap_or_default().to_owned();
         let replaced: Vec<String> = flags.iter().map(|a| flag(a)).collect();
@@ -289,7 +301,15 @@ impl Cluster {
             .filter(|a| !replaced.contains(&flag(a)))
             .collect();
         args.extend(flags.iter().map(|a| (*a).to_owned()));
-        let daemon = self.run.spawn(name, &self.state.bulwark, &args)?;
+        let daemon = match netns {
+            None => self.run.spawn(name, &self.state.bulwark, &args)?,
+            Some(ns) => {
+                let mut wrapped = ns.exec_prefix();
+                wrapped.push(self.state.bulwark.display().to_string());
+                wrapped.extend(args);
+                self.run.spawn(name, std::path::Path::new("ip"), &wrapped)?
+            }
+        };
         self.daemons.push(daemon);
         Ok(())
     }

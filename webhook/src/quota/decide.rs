@@ -76,6 +76,22 @@ pub struct Snapshot {
     pub waiting: u32,
     /// The same for the cluster cap, across namespaces.
     pub cluster_waiting: u64,
+    /// Of `live` (and `pending`), this replica's admissions its peers have not confirmed
+    /// receiving yet, and how many replicas (itself included) may be admitting at once.
+    pub unconfirmed: u32,
+    pub unconfirmed_pending: u32,
+    pub sharers: u32,
+}
+
+impl Snapshot {
+    /// A count as this replica must judge it while `sharers` replicas admit at once: its own
+    /// unconfirmed admissions count once for each, since every other replica may have made as
+    /// many that it does not know of yet. So each takes at most its share of the slots left
+    /// (docs/architecture.md, "Replicas share one limit"); alone, the count as it is.
+    fn projected(&self, count: u32, unconfirmed: u32) -> u32 {
+        let others = self.sharers.saturating_sub(1);
+        count.saturating_add(unconfirmed.saturating_mul(others))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,14 +177,18 @@ pub fn check_counts(
     ask: Ask<'_>,
     workflow_reserved_percent: u8,
 ) -> Result<(), Refusal> {
+    let live = snap.projected(snap.live, snap.unconfirmed);
     if let Some(limit) = policy.max_pods
-        && snap.live >= limit
+        && live >= limit
     {
+        // Shown as the count the namespace is about to reach, at most the limit when only
+        // the projection reaches it.
+        let shown = snap.live.max(limit.min(live));
         return Err(Refusal::MaxPods {
-            live: snap.live,
+            live: shown,
             limit,
             expected: expected(
-                u64::from(snap.live - limit) + 1 + u64::from(snap.waiting),
+                u64::from(shown - limit) + 1 + u64::from(snap.waiting),
                 snap.live_drain_rate,
                 NO_DRAIN_LIVE_WAIT,
             ),
@@ -181,22 +201,24 @@ pub fn check_counts(
         let new_workflow = ask.workflow.filter(|_| !snap.workflow_started);
         let Share { usable, reserved } =
             pending_share(limit, workflow_reserved_percent, new_workflow.is_some());
-        if snap.pending >= usable {
+        let projected = snap.projected(snap.pending, snap.unconfirmed_pending);
+        if projected >= usable {
+            let pending = snap.pending.max(usable.min(projected));
             let expected = expected(
-                u64::from(snap.pending - usable) + 1 + u64::from(snap.waiting),
+                u64::from(pending - usable) + 1 + u64::from(snap.waiting),
                 snap.pending_drain_rate,
                 NO_DRAIN_PENDING_WAIT,
             );
             return Err(match new_workflow {
-                Some(workflow) if snap.pending < limit => Refusal::WorkflowShare {
-                    pending: snap.pending,
+                Some(workflow) if pending < limit => Refusal::WorkflowShare {
+                    pending,
                     limit,
                     reserved,
                     workflow: workflow.to_owned(),
                     expected,
                 },
                 _ => Refusal::MaxPending {
-                    pending: snap.pending,
+                    pending,
                     limit,
                     expected,
                 },
@@ -245,6 +267,63 @@ mod tests {
             live,
             pending,
             ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn replicas_admitting_at_once_each_take_their_share_of_the_slots_left() {
+        let p = policy(Some(20), Some(20));
+        // 8 known to all, 4 of this replica's own not yet confirmed by its two peers: each
+        // of the three may hold ceil(12 / 3) = 4 unconfirmed, so this one is at its share.
+        let s = Snapshot {
+            live: 12,
+            pending: 12,
+            unconfirmed: 4,
+            unconfirmed_pending: 4,
+            sharers: 3,
+            ..Snapshot::default()
+        };
+        let r = check_counts(&p, &s, Ask::default(), 0).unwrap_err();
+        assert_eq!(r.reason(), "max_pods");
+        assert!(
+            r.message("ci", 1).contains("has 20 live pods"),
+            "{}",
+            r.message("ci", 1)
+        );
+        // One fewer unconfirmed: room for one more.
+        let s = Snapshot {
+            live: 11,
+            pending: 11,
+            unconfirmed: 3,
+            unconfirmed_pending: 3,
+            ..s
+        };
+        assert!(check_counts(&p, &s, Ask::default(), 0).is_ok());
+        // The pending cap alone (max-pods off) is judged the same way.
+        let only_pending = policy(None, Some(20));
+        let s = Snapshot {
+            live: 12,
+            pending: 12,
+            unconfirmed: 4,
+            unconfirmed_pending: 4,
+            ..s
+        };
+        assert_eq!(
+            check_counts(&only_pending, &s, Ask::default(), 0)
+                .unwrap_err()
+                .reason(),
+            "max_pending"
+        );
+        // Alone, or with everything confirmed, the count as it is.
+        for s in [
+            Snapshot { sharers: 1, ..s },
+            Snapshot {
+                unconfirmed: 0,
+                unconfirmed_pending: 0,
+                ..s
+            },
+        ] {
+            assert!(check_counts(&p, &s, Ask::default(), 0).is_ok());
         }
     }
 

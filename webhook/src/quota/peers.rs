@@ -352,11 +352,6 @@ impl PeerBook {
             .fold(0, u64::saturating_add)
     }
 
-    /// Peers heard from lately.
-    pub fn heard(&self, now: Instant) -> usize {
-        self.fresh(now).count()
-    }
-
     /// Forgets peers not heard from within [`PEER_TIMEOUT`].
     pub fn age_out(&mut self, now: Instant) {
         self.peers.retain(|_, p| {

@@ -137,14 +137,15 @@ impl Exchange {
             let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
             if !sending {
                 if was_sending {
-                    let _ = self.ledger.report(seq);
+                    let (_, sent) = self.ledger.report(seq);
+                    self.ledger.confirm(&sent);
                 }
                 was_sending = false;
                 grouped = self.regroup(&peers, Instant::now(), &grouped);
                 continue;
             }
             was_sending = true;
-            let report = self.ledger.report(seq);
+            let (report, sent) = self.ledger.report(seq);
             let body = match serde_json::to_vec(&report) {
                 Ok(b) => Bytes::from(b),
                 Err(e) => {
@@ -157,9 +158,18 @@ impl Exchange {
                 .iter_mut()
                 .filter(|(_, p)| !p.own)
                 .map(|(addr, p)| p.send(*addr, &tls, body.clone(), &self.metrics));
-            let answers = futures::future::join_all(sends).await;
+            let answers: Vec<(SocketAddr, Ack)> = futures::future::join_all(sends)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+            // Every peer this replica shares with has the report: its reservations are
+            // common knowledge now (see quota::decide, Snapshot::projected).
+            if grouped.iter().all(|g| answers.iter().any(|(a, _)| a == g)) {
+                self.ledger.confirm(&sent);
+            }
             let now = Instant::now();
-            for (addr, ack) in answers.into_iter().flatten() {
+            for (addr, ack) in answers {
                 if ack.id == own {
                     if let Some(p) = peers.get_mut(&addr) {
                         p.own = true;
@@ -188,7 +198,7 @@ impl Exchange {
         let seen = u32::try_from(others().count()).unwrap_or(u32::MAX);
         let grouped: Vec<SocketAddr> = others()
             .filter(|(_, p)| {
-                p.id.is_some_and(|id| self.reaches(id, now) && self.ledger.heard(Some(id), now).1)
+                p.id.is_some_and(|id| self.reaches(id, now) && self.ledger.heard_from(id, now))
             })
             .map(|(addr, _)| *addr)
             .collect();

@@ -63,6 +63,10 @@ struct NamespaceLedger {
     line: Option<Box<WaitingLine>>,
     /// Rate hits not yet reported to the peers.
     unsent: u32,
+    /// Reservations (and those of pending pods) made since the last report every peer in
+    /// the group confirmed: what the peers may not know of yet.
+    unconfirmed: u32,
+    unconfirmed_pending: u32,
 }
 
 impl NamespaceLedger {
@@ -112,6 +116,11 @@ impl NamespaceLedger {
         }
     }
 }
+
+/// What one report told the peers of this replica's unconfirmed reservations, per namespace;
+/// handed back to [`Ledger::confirm`] once every peer in the group has it.
+#[derive(Debug, Default)]
+pub struct Sent(Vec<(Box<str>, u32, u32)>);
 
 /// How an admission that passes is recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,23 +285,27 @@ impl Ledger {
         self.book().reserved_pending(now)
     }
 
-    /// Peers heard from within the timeout, and whether `peer` is one of them.
-    pub fn heard(&self, peer: Option<u64>, now: Instant) -> (usize, bool) {
-        let book = self.book();
-        (
-            book.heard(now),
-            peer.is_some_and(|p| book.heard_from(p, now)),
-        )
+    /// Whether `peer` reported within the peer timeout.
+    pub fn heard_from(&self, peer: u64, now: Instant) -> bool {
+        self.book().heard_from(peer, now)
     }
 
     /// What this replica reports to its peers now: the rate hits since its last report
     /// (taken, so each goes out once) and its reservations. Namespaces the cluster does not
     /// show are never reported. At most [`MAX_REPORT_NAMESPACES`] of each: hits left over go
     /// in the next report, and the namespaces holding the most reservations go first.
-    pub fn report(&self, seq: u64) -> Report {
+    pub fn report(&self, seq: u64) -> (Report, Sent) {
         let mut hits = Vec::new();
         let mut reserved = Vec::new();
+        let mut sent = Vec::new();
         for mut entry in self.namespaces.iter_mut() {
+            if entry.unconfirmed > 0 || entry.unconfirmed_pending > 0 {
+                sent.push((
+                    entry.key().clone(),
+                    entry.unconfirmed,
+                    entry.unconfirmed_pending,
+                ));
+            }
             if entry.unsent > 0 && hits.len() < MAX_REPORT_NAMESPACES {
                 let n = std::mem::take(&mut entry.value_mut().unsent);
                 hits.push(Hits {
@@ -314,12 +327,24 @@ impl Ledger {
             reserved.truncate(MAX_REPORT_NAMESPACES);
         }
         let own_pending = self.reserved_pending.load(Ordering::Acquire);
-        Report {
+        let report = Report {
             from: self.id(),
             seq,
             hits,
             reserved,
             reserved_pending: own_pending,
+        };
+        (report, Sent(sent))
+    }
+
+    /// Every peer in the group has the report `sent` came with: those reservations are known
+    /// to all of them now.
+    pub fn confirm(&self, sent: &Sent) {
+        for (ns, live, pending) in &sent.0 {
+            if let Some(mut ns) = self.namespaces.get_mut(ns) {
+                ns.unconfirmed = ns.unconfirmed.saturating_sub(*live);
+                ns.unconfirmed_pending = ns.unconfirmed_pending.saturating_sub(*pending);
+            }
         }
     }
 
@@ -557,6 +582,17 @@ impl Ledger {
             cluster_cap,
             waiting: ns.waiting(secs),
             cluster_waiting,
+            // Reservations the watch showed or that expired are no longer this replica's to
+            // project: at most what it still holds.
+            unconfirmed: ns
+                .unconfirmed
+                .min(u32::try_from(ns.reservations.len()).unwrap_or(u32::MAX)),
+            unconfirmed_pending: ns.unconfirmed_pending.min(ns.pending),
+            sharers: if self.reporting.load(Ordering::Relaxed) {
+                self.part().group()
+            } else {
+                1
+            },
         }
     }
 
@@ -625,6 +661,12 @@ impl Ledger {
                 .get_key_value(w)
                 .map_or_else(|| Arc::from(w), |(k, _)| k.clone())
         });
+        if self.reporting.load(Ordering::Relaxed) && !req.unknown_namespace {
+            ns.unconfirmed = ns.unconfirmed.saturating_add(1);
+            if !req.ask.pending_exempt {
+                ns.unconfirmed_pending = ns.unconfirmed_pending.saturating_add(1);
+            }
+        }
         ns.push(Reservation {
             expires: now + keep.ttl,
             // A longer name cannot be a real pod's (the admitter never asks for one).

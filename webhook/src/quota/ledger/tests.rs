@@ -529,7 +529,7 @@ fn replicas_in_one_group_share_the_whole_rate() {
     }
     assert!(a.admit(&p, Commit::Enforce).is_err());
     // a reports; b folds the four hits in and has nothing left either.
-    let report = a.ledger.report(1);
+    let (report, _) = a.ledger.report(1);
     assert_eq!(
         report.hits,
         vec![Hits {
@@ -541,11 +541,11 @@ fn replicas_in_one_group_share_the_whole_rate() {
     b.absorb(&report, true, rate_of, a.t).unwrap();
     assert!(on_b(a.t).is_err(), "b saw a's hits");
     // The hits went out once: the next report carries none.
-    assert!(a.ledger.report(2).hits.is_empty());
+    assert!(a.ledger.report(2).0.hits.is_empty());
     // 100 ms later one creation fits, on whichever replica gets it.
     let later = a.t + Duration::from_millis(100);
     assert!(on_b(later).is_ok());
-    b.report(1).hits.iter().for_each(|h| assert_eq!(h.n, 1));
+    b.report(1).0.hits.iter().for_each(|h| assert_eq!(h.n, 1));
 }
 
 #[test]
@@ -653,11 +653,11 @@ fn without_peers_nothing_is_kept_for_reports() {
     let a = Fixture::new(None);
     let p = rated("10/s", 4);
     a.admit(&p, Commit::Enforce).unwrap();
-    assert!(a.ledger.report(1).hits.is_empty());
+    assert!(a.ledger.report(1).0.hits.is_empty());
     // Once idle, the namespace is swept: no hit kept it.
     a.ledger.sweep(a.t + TTL + Duration::from_secs(1));
     assert_eq!(
-        a.ledger.report(2),
+        a.ledger.report(2).0,
         Report {
             from: a.ledger.id(),
             seq: 2,
@@ -676,9 +676,46 @@ fn strangers_are_never_reported() {
         ..request("made-up", None, &p, Ask::default(), Commit::Enforce)
     };
     a.ledger.admit(&a.cache, &req, &a.limits, a.t).unwrap();
-    let report = a.ledger.report(1);
+    let (report, _) = a.ledger.report(1);
     assert!(
         report.hits.is_empty() && report.reserved.is_empty(),
         "{report:?}"
     );
+}
+
+/// With two replicas admitting at once, each takes at most its share of the slots its peer
+/// may not know of; once the peer confirms the report, the rest are this replica's again.
+#[test]
+fn unconfirmed_reservations_hold_a_replica_to_its_share_of_the_slots_left() {
+    let a = Fixture::new(None);
+    a.ledger.set_replicas(2);
+    a.ledger.set_group(2);
+    a.ledger.set_reporting(true);
+    let p = counts_only(Some(6), None);
+    // ceil(6 / 2) = 3 unconfirmed at most.
+    for _ in 0..3 {
+        a.admit(&p, Commit::Enforce).unwrap();
+    }
+    let refused = a.admit(&p, Commit::Enforce);
+    assert!(
+        matches!(
+            refused,
+            Err(Refusal::MaxPods {
+                live: 6,
+                limit: 6,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    // The peer has the report: 3 known, 3 left, and this replica's share of those is 2.
+    let (_, sent) = a.ledger.report(1);
+    a.ledger.confirm(&sent);
+    a.admit(&p, Commit::Enforce).unwrap();
+    a.admit(&p, Commit::Enforce).unwrap();
+    assert!(a.admit(&p, Commit::Enforce).is_err());
+    // Alone again (no peer to wait for), the rest of the cap is its own.
+    a.ledger.set_group(1);
+    a.admit(&p, Commit::Enforce).unwrap();
+    assert!(a.admit(&p, Commit::Enforce).is_err(), "6 of 6");
 }
