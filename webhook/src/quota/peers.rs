@@ -287,10 +287,6 @@ impl PeerBook {
         }
     }
 
-    pub fn own(&self) -> u64 {
-        self.own
-    }
-
     /// Takes a report in: its reservations replace the peer's last ones. Refuses one from
     /// this replica, one not newer than the peer's last, and a new peer past [`MAX_PEERS`]
     /// (after dropping those aged out).

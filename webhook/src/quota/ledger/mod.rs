@@ -169,6 +169,8 @@ pub struct Ledger {
     replicas: AtomicU32,
     /// Of those, the ones this replica shares consumption with, itself included.
     group: AtomicU32,
+    /// This replica's id in its reports, random per process.
+    id: u64,
     /// The peers' reports; `has_peers` lets a lone replica's admissions skip its lock.
     peers: RwLock<PeerBook>,
     has_peers: AtomicBool,
@@ -185,6 +187,7 @@ pub struct Ledger {
 
 impl Ledger {
     pub fn new(ttl: Duration, epoch: Instant) -> Self {
+        let id = fastrand::u64(1..);
         Ledger {
             epoch,
             ttl,
@@ -193,7 +196,8 @@ impl Ledger {
             reserved_pending: AtomicU64::new(0),
             replicas: AtomicU32::new(1),
             group: AtomicU32::new(1),
-            peers: RwLock::new(PeerBook::new(fastrand::u64(1..))),
+            id,
+            peers: RwLock::new(PeerBook::new(id)),
             has_peers: AtomicBool::new(false),
             reporting: AtomicBool::new(false),
             nudge: OnceLock::new(),
@@ -241,7 +245,7 @@ impl Ledger {
 
     /// This replica's id in the reports it sends.
     pub fn id(&self) -> u64 {
-        self.book().own()
+        self.id
     }
 
     /// Whether this replica has peers to report to (set by the peer exchange). Turning it off
