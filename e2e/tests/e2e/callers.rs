@@ -13,36 +13,12 @@ use std::{
 
 use anyhow::{Context, ensure};
 use bulwark_e2e::pki::Pki;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::{
     certs::{https_exchange_as, stored},
-    support::{Ctx, pod},
+    support::{Ctx, pod, pod_create_review},
 };
-
-/// An AdmissionReview for a pod CREATE in `namespace`, as kube-apiserver would send it.
-fn forged_review(namespace: &str, name: &str) -> String {
-    json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": format!("forged-{name}"),
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
-            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
-            "name": name,
-            "namespace": namespace,
-            "operation": "CREATE",
-            "userInfo": {"username": "mallory"},
-            "object": serde_json::to_value(pod(name, json!({}))).unwrap_or(Value::Null),
-            "oldObject": null,
-            "dryRun": false,
-            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
-        },
-    })
-    .to_string()
-}
 
 fn post(body: &str) -> String {
     format!(
@@ -79,7 +55,7 @@ pub async fn forged_reviews_are_refused_and_consume_nothing(ctx: &mut Ctx) -> an
     )?;
     let kubelet = client_ca.client("system:node:kwok-node-0", &["system:nodes"])?;
     for n in 0..20 {
-        let body = forged_review(&ns, &format!("forged-{n}"));
+        let body = pod_create_review(&ns, &format!("forged-{n}"), "mallory");
         let (_, anonymous) = https_exchange_as(port, &ca, None, post(&body).as_bytes())?;
         ensure!(
             anonymous.starts_with("HTTP/1.1 401"),

@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 use crate::{
     certs::stored,
     faults::{route_webhooks, stop, wait_ready},
-    support::{Created, Ctx, eventually, metric_at, pod},
+    support::{Created, Ctx, eventually, metric_at, pod, pod_create_review},
 };
 
 /// The namespaces' rate in the rate phases, and the demand: twice the rate.
@@ -499,7 +499,7 @@ impl Driver {
                 std::thread::sleep((started + pause * n).saturating_duration_since(Instant::now()));
                 let port = spread[n as usize % spread.len()];
                 let i = ports.iter().position(|p| *p == port).unwrap_or(0);
-                let body = review(&ns, &format!("d{n}"));
+                let body = pod_create_review(&ns, &format!("d{n}"), "ci-bot");
                 let answer = match conns[i].as_mut() {
                     Some(conn) => conn.validate(&body),
                     None => Err(anyhow::anyhow!("not connected")),
@@ -530,28 +530,4 @@ impl Driver {
         })
         .await?
     }
-}
-
-/// A pod CREATE review as kube-apiserver sends it.
-fn review(namespace: &str, name: &str) -> String {
-    json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": format!("ha-{namespace}-{name}"),
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
-            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
-            "name": name,
-            "namespace": namespace,
-            "operation": "CREATE",
-            "userInfo": {"username": "ci-bot"},
-            "object": serde_json::to_value(pod(name, json!({}))).unwrap_or(Value::Null),
-            "oldObject": null,
-            "dryRun": false,
-            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
-        },
-    })
-    .to_string()
 }

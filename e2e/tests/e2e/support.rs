@@ -79,6 +79,31 @@ pub fn pod(name: &str, extra: Value) -> Pod {
 }
 
 /// A pod no node can take: stays Pending for as long as it exists.
+/// An AdmissionReview for the CREATE of [`pod`] `name` in `namespace` by `username`, as
+/// kube-apiserver sends it, for tests that call the webhook themselves.
+pub fn pod_create_review(namespace: &str, name: &str, username: &str) -> String {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": format!("{username}-{namespace}-{name}"),
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "name": name,
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": {"username": username},
+            "object": serde_json::to_value(pod(name, json!({}))).unwrap_or(Value::Null),
+            "oldObject": null,
+            "dryRun": false,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        },
+    })
+    .to_string()
+}
+
 pub fn unschedulable(name: &str) -> Pod {
     pod(
         name,

@@ -20,7 +20,7 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use super::tls::CertStore;
+use super::tls::{CertStore, Signatures};
 
 /// The public key (SubjectPublicKeyInfo, DER) of a certificate.
 fn public_key(der: &[u8]) -> Option<Vec<u8>> {
@@ -32,9 +32,17 @@ fn public_key(der: &[u8]) -> Option<Vec<u8>> {
 #[derive(Debug)]
 pub struct SameKey {
     certs: Arc<CertStore>,
+    signatures: Signatures,
 }
 
 impl SameKey {
+    fn new(certs: &Arc<CertStore>) -> Arc<SameKey> {
+        Arc::new(SameKey {
+            certs: certs.clone(),
+            signatures: Signatures(certs.provider()),
+        })
+    }
+
     fn verify(&self, presented: &CertificateDer<'_>) -> Result<(), rustls::Error> {
         let own = self.certs.current();
         let own_key = own.cert.first().and_then(|c| public_key(c));
@@ -47,41 +55,6 @@ impl SameKey {
                 rustls::CertificateError::ApplicationVerificationFailure,
             )),
         }
-    }
-
-    fn tls12(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.certs.provider().signature_verification_algorithms,
-        )
-    }
-
-    fn tls13(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.certs.provider().signature_verification_algorithms,
-        )
-    }
-
-    fn schemes(&self) -> Vec<SignatureScheme> {
-        self.certs
-            .provider()
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 
@@ -104,7 +77,7 @@ impl ServerCertVerifier for SameKey {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.tls12(message, cert, dss)
+        self.signatures.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -113,11 +86,11 @@ impl ServerCertVerifier for SameKey {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.tls13(message, cert, dss)
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.schemes()
+        self.signatures.schemes()
     }
 }
 
@@ -142,7 +115,7 @@ impl ClientCertVerifier for SameKey {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.tls12(message, cert, dss)
+        self.signatures.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -151,11 +124,11 @@ impl ClientCertVerifier for SameKey {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.tls13(message, cert, dss)
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.schemes()
+        self.signatures.schemes()
     }
 }
 
@@ -182,9 +155,7 @@ impl ResolvesClientCert for Serving {
 pub fn server_config(certs: &Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     let config = rustls::ServerConfig::builder_with_provider(certs.provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(SameKey {
-            certs: certs.clone(),
-        }))
+        .with_client_cert_verifier(SameKey::new(certs))
         .with_cert_resolver(certs.clone());
     Ok(Arc::new(config))
 }
@@ -195,9 +166,7 @@ pub fn client_config(certs: &Arc<CertStore>) -> Result<Arc<rustls::ClientConfig>
     let config = rustls::ClientConfig::builder_with_provider(certs.provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SameKey {
-            certs: certs.clone(),
-        }))
+        .with_custom_certificate_verifier(SameKey::new(certs))
         .with_client_cert_resolver(Arc::new(Serving(certs.clone())));
     Ok(Arc::new(config))
 }
@@ -219,9 +188,7 @@ mod tests {
         let ca = bulwark_certs::Ca::new("webhook", 1).expect("ca");
         let names = ["bulwark-webhook.bulwark-system.svc".to_owned()];
         let served = ca.server(&names, &[]).expect("pair");
-        let own = SameKey {
-            certs: store(&served),
-        };
+        let own = SameKey::new(&store(&served));
         // The same certificate, as every replica reading the Secret serves it.
         assert!(own.verify(&leaf(&store(&served))).is_ok());
         // A certificate for the same names from the same CA, with another key: not a peer.

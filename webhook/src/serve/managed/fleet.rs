@@ -15,10 +15,11 @@ use kube::{Api, Client, api::ListParams};
 use rustls::{
     DigitallySignedStruct, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    crypto::CryptoProvider,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
 use tokio::net::TcpStream;
+
+use crate::serve::tls::Signatures;
 
 /// How long one endpoint may take to connect and complete the handshake.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -75,7 +76,7 @@ pub fn targets<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>) -> Vec<S
 /// endpoint serves, and trusts nothing it says. The handshake signature is still checked, so
 /// the endpoint holds the key of the certificate it presents.
 #[derive(Debug)]
-struct Presented(Arc<CryptoProvider>);
+struct Presented(Signatures);
 
 impl ServerCertVerifier for Presented {
     fn verify_server_cert(
@@ -95,12 +96,7 @@ impl ServerCertVerifier for Presented {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        self.0.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -109,16 +105,11 @@ impl ServerCertVerifier for Presented {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        self.0.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.0.schemes()
     }
 }
 
@@ -128,7 +119,7 @@ pub async fn served_leaf(addr: SocketAddr) -> Result<Vec<u8>, FleetError> {
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Presented(provider)))
+        .with_custom_certificate_verifier(Arc::new(Presented(Signatures(provider.clone()))))
         .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let handshake = async {
