@@ -1,8 +1,8 @@
 //! `bulwark webhook` as a library: [`Webhook::new`] wires the decision parts around an empty
 //! cache, and [`Webhook::start`] runs exactly what the command runs (the watch feeds, the
-//! peers' replica count, the ledger sweeper, the served certificate, the HTTPS and metrics
-//! listeners). `main`, the integration tests, the fuzz target and the benches all start the
-//! webhook through here.
+//! peers and the exchange of reports with them, the ledger sweeper, the served certificate,
+//! the HTTPS, metrics and peer listeners). `main`, the integration tests, the fuzz target and
+//! the benches all start the webhook through here.
 
 use std::{
     net::SocketAddr,
