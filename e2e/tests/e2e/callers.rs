@@ -12,12 +12,11 @@ use std::{
 };
 
 use anyhow::{Context, ensure};
-use bulwark_e2e::pki::Pki;
 use serde_json::json;
 
 use crate::{
     certs::{https_exchange_as, stored},
-    support::{Ctx, pod, pod_create_review},
+    support::{Ctx, pod, pod_create_review, webhook_client_ca},
 };
 
 fn post(body: &str) -> String {
@@ -43,16 +42,7 @@ pub async fn forged_reviews_are_refused_and_consume_nothing(ctx: &mut Ctx) -> an
     let ca = stored(ctx).await?.ca;
     // A certificate of the right CA (the one kube-apiserver's certificate comes from) that
     // names a kubelet, as a cluster CA used as --client-ca would let any node present.
-    let pki = Pki::in_dir(&ctx.state().dir);
-    let read = |p: &std::path::Path| {
-        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
-    };
-    let client_ca = bulwark_certs::Ca::from_pem(
-        &read(&pki.webhook_client_ca)?,
-        &read(&pki.webhook_client_ca_key)?,
-        1,
-        bulwark_certs::KeyAlgorithm::default(),
-    )?;
+    let client_ca = webhook_client_ca(ctx.state())?;
     let kubelet = client_ca.client("system:node:kwok-node-0", &["system:nodes"])?;
     for n in 0..20 {
         let body = pod_create_review(&ns, &format!("forged-{n}"), "mallory");

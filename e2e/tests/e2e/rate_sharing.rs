@@ -19,7 +19,7 @@ use bulwark_e2e::{
     cluster::BULWARK_CONFIG,
     netns::{self, Netns},
     objects::BULWARK_NAMESPACE,
-    pki::{Pki, WEBHOOK_CLIENT_NAME},
+    pki::WEBHOOK_CLIENT_NAME,
     proxy::Proxy,
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 use crate::{
     certs::stored,
     faults::{route_webhooks, stop, wait_ready},
-    support::{Created, Ctx, eventually, metric_at, pod, pod_create_review},
+    support::{Created, Ctx, eventually, metric_at, pod, pod_create_review, webhook_client_ca},
 };
 
 /// The namespaces' rate in the rate phases, and the demand: twice the rate.
@@ -446,17 +446,7 @@ impl Conn {
 impl Driver {
     async fn new(ctx: &Ctx) -> anyhow::Result<Driver> {
         use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-        let pki = Pki::in_dir(&ctx.state().dir);
-        let read = |p: &std::path::Path| {
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
-        };
-        let client_ca = bulwark_certs::Ca::from_pem(
-            &read(&pki.webhook_client_ca)?,
-            &read(&pki.webhook_client_ca_key)?,
-            1,
-            bulwark_certs::KeyAlgorithm::default(),
-        )?;
-        let identity = client_ca.client(WEBHOOK_CLIENT_NAME, &[])?;
+        let identity = webhook_client_ca(ctx.state())?.client(WEBHOOK_CLIENT_NAME, &[])?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(stored(ctx).await?.ca.as_bytes()) {
             roots.add(cert?)?;

@@ -79,6 +79,21 @@ pub fn pod(name: &str, extra: Value) -> Pod {
 }
 
 /// A pod no node can take: stays Pending for as long as it exists.
+/// The CA of the client certificate kube-apiserver presents to the webhook (its key kept by
+/// the e2e PKI), so tests can issue one of their own: kube-apiserver's name, or another.
+pub fn webhook_client_ca(state: &State) -> anyhow::Result<bulwark_certs::Ca> {
+    let pki = bulwark_e2e::pki::Pki::in_dir(&state.dir);
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    Ok(bulwark_certs::Ca::from_pem(
+        &read(&pki.webhook_client_ca)?,
+        &read(&pki.webhook_client_ca_key)?,
+        1,
+        bulwark_certs::KeyAlgorithm::default(),
+    )?)
+}
+
 /// An AdmissionReview for the CREATE of [`pod`] `name` in `namespace` by `username`, as
 /// kube-apiserver sends it, for tests that call the webhook themselves.
 pub fn pod_create_review(namespace: &str, name: &str, username: &str) -> String {
