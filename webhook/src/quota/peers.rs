@@ -163,11 +163,6 @@ impl Report {
         }
         Ok(())
     }
-
-    /// Whether the report says nothing but that its sender is alive.
-    pub fn is_heartbeat(&self) -> bool {
-        self.hits.is_empty() && self.reserved.is_empty() && self.reserved_pending == 0
-    }
 }
 
 /// The part of a namespace's rate (and burst) one replica may use: the replicas it shares

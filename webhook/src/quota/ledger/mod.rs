@@ -281,14 +281,6 @@ impl Ledger {
         (book.reserved(ns, now), book.reserved_pending(now))
     }
 
-    /// The peers' reservations of pending pods in all namespaces.
-    fn peer_reserved_pending(&self, now: Instant) -> u64 {
-        if !self.has_peers.load(Ordering::Acquire) {
-            return 0;
-        }
-        self.book().reserved_pending(now)
-    }
-
     /// Whether `peer` reported within the peer timeout.
     pub fn heard_from(&self, peer: u64, now: Instant) -> bool {
         self.book().heard_from(peer, now)
@@ -487,7 +479,9 @@ impl Ledger {
         now: Instant,
     ) -> Result<(), Refusal> {
         self.expire(ns, now);
-        let snap = self.snapshot(view, ns, req, limits, now);
+        // Read once: the snapshot and the cluster slot both count the peers' reservations.
+        let peers = self.peer_reserved(req.namespace, now);
+        let snap = self.snapshot(view, ns, req, limits, peers, now);
         let state = RateState {
             tat: ns.tat,
             now: self.nanos(now),
@@ -510,7 +504,7 @@ impl Ledger {
             (Ok(new_tat), Commit::Enforce | Commit::Warn) => new_tat,
         };
         if !req.ask.pending_exempt
-            && let Err(refusal) = self.take_cluster_slot(view, &snap, now)
+            && let Err(refusal) = self.take_cluster_slot(view, &snap, peers.1, now)
         {
             match req.commit {
                 Commit::Warn => self.reserve_regardless(ns, keep, req, now),
@@ -537,18 +531,19 @@ impl Ledger {
         Ok(())
     }
 
-    /// The counts a decision reads: the cache's, with this replica's reservations added.
+    /// The counts a decision reads: the cache's, with this replica's reservations and its
+    /// peers' (`peers`, from [`Ledger::peer_reserved`]) added.
     fn snapshot(
         &self,
         view: &dyn ClusterView,
         ns: &mut NamespaceLedger,
         req: &Request<'_>,
         limits: &Limits,
+        peers: ((u32, u32), u64),
         now: Instant,
     ) -> Snapshot {
         let counts = view.pod_counts(req.namespace, req.ask.workflow, now);
-        let ((peer_live, peer_pending), peer_cluster_pending) =
-            self.peer_reserved(req.namespace, now);
+        let ((peer_live, peer_pending), peer_cluster_pending) = peers;
         let reserved = u32::try_from(ns.reservations.len())
             .unwrap_or(u32::MAX)
             .saturating_add(peer_live);
@@ -601,15 +596,16 @@ impl Ledger {
     }
 
     /// Takes one slot of the cluster pending cap. The cap spans namespaces, which do not share
-    /// a lock: a compare-and-swap keeps two namespaces from both taking the last one.
+    /// a lock: a compare-and-swap keeps two namespaces from both taking the last one. `peers`:
+    /// the peers' reservations of pending pods.
     fn take_cluster_slot(
         &self,
         view: &dyn ClusterView,
         snap: &Snapshot,
+        peers: u64,
         now: Instant,
     ) -> Result<(), Refusal> {
         let mut current = self.reserved_pending.load(Ordering::Acquire);
-        let peers = self.peer_reserved_pending(now);
         loop {
             if let Some(cap) = snap.cluster_cap {
                 let pending = view.cluster_pending() + current + peers;
